@@ -29,9 +29,6 @@ import threading
 import time
 from typing import NamedTuple
 
-from kafka import KafkaProducer
-from kafka.errors import KafkaError
-
 __version__ = "1.0.0"
 
 log = logging.getLogger("payment_service")
@@ -171,6 +168,10 @@ def event_record(payment):
 # Kafka
 # ---------------------------------------------------------------------------
 
+# kafka-python is imported by make_producer(), not at the top: importing it
+# takes longer than all the rest of start-up, so main() does it once the
+# server already answers.
+
 def make_producer(bootstrap, timeout_s):
     """One KafkaProducer for the whole service, bounded by timeout_s everywhere.
 
@@ -179,6 +180,8 @@ def make_producer(bootstrap, timeout_s):
     producer never recovers from an expired batch or a restarted broker,
     and this service must heal by itself. Delivery is at-least-once.
     """
+    from kafka import KafkaProducer
+
     timeout_ms = int(timeout_s * 1000)
     return KafkaProducer(
         bootstrap_servers=bootstrap,
@@ -198,15 +201,25 @@ class EventPublisher:
 
     Records not yet acknowledged are counted; past max_pending (a long outage)
     new events are refused at once with a 503 instead of piling up in memory.
+    Requests that come before start() wait for it, within the same bound.
     """
 
-    def __init__(self, producer, timeout_s, max_pending):
-        self._producer = producer
+    def __init__(self, timeout_s, max_pending):
         self._timeout_s = timeout_s
         self._max_pending = max_pending
         self._pending = 0
         self._lock = threading.Lock()
         self._broker_ok = True     # last outcome, so the log shows changes, not every 503
+        self._producer = None
+        self._started = threading.Event()
+
+    def start(self, producer):
+        """Publish through this producer from now on."""
+        from kafka.errors import KafkaError
+
+        self._kafka_error = KafkaError
+        self._producer = producer
+        self._started.set()
 
     @property
     def pending(self):
@@ -230,10 +243,12 @@ class EventPublisher:
         """
         deadline = time.monotonic() + self._timeout_s
         key, value = event_record(payment)
+        if not self._started.wait(self._timeout_s):
+            raise BrokerUnavailable("the Kafka producer is still starting")
         self._reserve()
         try:
             future = self._producer.send(TOPIC, key=key, value=value)
-        except KafkaError as exc:
+        except self._kafka_error as exc:
             self._release()
             self._note_broker_state(ok=False, reason=exc)
             raise BrokerUnavailable(
@@ -242,7 +257,7 @@ class EventPublisher:
         try:
             self._producer.flush(timeout=_remaining(deadline))
             future.get(timeout=_remaining(deadline))
-        except KafkaError as exc:
+        except self._kafka_error as exc:
             self._note_broker_state(ok=False, reason=exc)
             raise BrokerUnavailable(
                 f"Kafka did not acknowledge the event within {self._timeout_s:g} s: "
@@ -260,9 +275,11 @@ class EventPublisher:
 
     def close(self, timeout_s):
         """Deliver what is still pending, within timeout_s, and close."""
+        if self._producer is None:
+            return
         try:
             self._producer.close(timeout=timeout_s)
-        except KafkaError:
+        except self._kafka_error:
             log.warning("closing with %d events not acknowledged by Kafka", self._pending)
 
 
@@ -723,8 +740,7 @@ def main():
     sys.setswitchinterval(0.001)
 
     access_log = AccessLog(enabled=config.access_log)
-    publisher = EventPublisher(make_producer(config.kafka_bootstrap, config.kafka_timeout_s),
-                               config.kafka_timeout_s, config.max_pending_events)
+    publisher = EventPublisher(config.kafka_timeout_s, config.max_pending_events)
     server = PaymentHTTPServer((config.host, config.port), publisher,
                                config.idle_timeout_s, access_log)
 
@@ -736,6 +752,7 @@ def main():
     print(f"listening on http://{config.host}:{server.server_port} "
           f"(Kafka {config.kafka_bootstrap}, topic {TOPIC})", flush=True)
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http-accept").start()
+    publisher.start(make_producer(config.kafka_bootstrap, config.kafka_timeout_s))
 
     stop_requested.wait()
     print("stopping: finishing in-flight requests", flush=True)

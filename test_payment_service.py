@@ -224,7 +224,9 @@ class InProcessService:
 
 
 def real_publisher(bootstrap, timeout_s=5.0, max_pending=1000):
-    return ps.EventPublisher(ps.make_producer(bootstrap, timeout_s), timeout_s, max_pending)
+    publisher = ps.EventPublisher(timeout_s, max_pending)
+    publisher.start(ps.make_producer(bootstrap, timeout_s))
+    return publisher
 
 
 @pytest.fixture(scope="session")
@@ -438,7 +440,8 @@ class NeverAckedProducer:
 
 def test_publisher_refuses_at_once_past_the_pending_bound():
     producer = NeverAckedProducer()
-    publisher = ps.EventPublisher(producer, timeout_s=0.05, max_pending=2)
+    publisher = ps.EventPublisher(timeout_s=0.05, max_pending=2)
+    publisher.start(producer)
     for order_id in (1, 2):
         with pytest.raises(ps.BrokerUnavailable, match="acknowledge"):
             publisher.publish(ps.Payment(order_id, 1, "USD"))
@@ -448,6 +451,14 @@ def test_publisher_refuses_at_once_past_the_pending_bound():
     assert time.monotonic() - started < 0.05
     assert [key for _, key, _ in producer.sent] == [b"1", b"2"]     # nothing more queued
     assert publisher.pending == 2
+
+
+def test_publisher_not_started_answers_503_within_the_bound():
+    publisher = ps.EventPublisher(timeout_s=0.2, max_pending=10)
+    started = time.monotonic()
+    with pytest.raises(ps.BrokerUnavailable, match="still starting"):
+        publisher.publish(ps.Payment(1, 1, "USD"))
+    assert 0.2 <= time.monotonic() - started < 0.2 + SLACK_S
 
 
 # ---------------------------------------------------------------------------
