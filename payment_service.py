@@ -193,6 +193,7 @@ def make_producer(bootstrap, timeout_s):
         request_timeout_ms=timeout_ms,    # a broker that stopped answering
         delivery_timeout_ms=timeout_ms,   # retries of a record end with its request
         reconnect_backoff_max_ms=1000,    # notice a returning broker within a second
+        metrics_enabled=False,            # nothing reads them; they cost CPU per record
     )
 
 
@@ -758,9 +759,6 @@ def main():
     # kafka-python logs every failed reconnect while a broker is down; the
     # publisher logs each change of the broker's state instead.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    # Many connection threads share one GIL: a shorter switch interval than
-    # the default 5 ms keeps one busy thread from stretching everyone's latency.
-    sys.setswitchinterval(0.001)
 
     access_log = AccessLog(enabled=config.access_log)
     publisher = EventPublisher(config.kafka_timeout_s, config.max_pending_events)

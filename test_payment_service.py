@@ -1307,3 +1307,50 @@ def test_hostile_bodies_get_4xx_or_a_contract_200_and_the_topic_holds_exactly_th
     from collections import Counter
     assert Counter(read_topic(fuzz_service.bootstrap)) == Counter(expected_records)
     assert expected_records, "no valid event was generated: the strategy is too narrow"
+
+
+# ---------------------------------------------------------------------------
+# Container files (Docker itself cannot run here: CI lints and validates them)
+# ---------------------------------------------------------------------------
+
+def dockerfile_healthcheck():
+    text = open(os.path.join(HERE, "Dockerfile")).read().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def compose_services():
+    import yaml
+
+    with open(os.path.join(HERE, "compose.yaml")) as f:
+        return yaml.safe_load(f)["services"]
+
+
+def test_compose_runs_kafka_then_the_service_built_from_the_dockerfile():
+    services = compose_services()
+    kafka, payment = services["kafka"], services["payment"]
+    assert re.fullmatch(r"apache/kafka:\d+\.\d+\.\d+", kafka["image"])       # pinned
+    env = kafka["environment"]
+    assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"                   # KRaft, one node
+    assert env["KAFKA_ADVERTISED_LISTENERS"] == "PLAINTEXT://kafka:9092"
+    assert set(env["KAFKA_LISTENERS"].split(",")) == {"PLAINTEXT://:9092", "CONTROLLER://:9093"}
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
+    assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
+    assert "kafka:9092" in " ".join(kafka["healthcheck"]["test"])
+    assert payment["build"] == "."
+    assert payment["environment"]["KAFKA_BOOTSTRAP"] == "kafka:9092"
+    assert payment["ports"] == ["8000:8000"]
+    assert payment["depends_on"] == {"kafka": {"condition": "service_healthy"}}
+    assert payment["healthcheck"]["test"] == ["CMD"] + dockerfile_healthcheck()
+
+
+def test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one(spawn):
+    command = dockerfile_healthcheck()
+    assert command[0] == "python" and "curl" not in " ".join(command)
+    svc = spawn(f"127.0.0.1:{free_port()}")
+    env = dict(os.environ, PORT=str(svc.port))
+    assert subprocess.run([sys.executable, *command[1:]], env=env, timeout=10).returncode == 0
+    svc.stop()
+    failing = subprocess.run([sys.executable, *command[1:]], env=env, timeout=10,
+                             capture_output=True)
+    assert failing.returncode != 0
