@@ -920,6 +920,23 @@ def assert_within_bound(results):
     assert slowest < BOUND_S + SLACK_S, f"a request waited {slowest:.2f} s"
 
 
+def assert_outage_answered_503(results, outage_started, outage_ended):
+    """No connection errors, no request waited past the bound, and every request
+    made wholly within the outage got a 503. Returns those requests."""
+    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
+    assert_within_bound(results)
+    during = [r for r in results if r[3] > outage_started + 0.05 and r[4] < outage_ended]
+    assert during and all(r[1] == 503 for r in during)
+    return during
+
+
+def assert_on_topic(bootstrap, results):
+    """Every given request's event is on the topic."""
+    keys = set(keys_on_topic(bootstrap))
+    missing = [r[0] for r in results if str(r[0]).encode() not in keys]
+    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+
+
 @pytest.mark.slow
 def test_broker_down_at_start_never_200_then_appears(spawn, tansu):
     port = free_port()
@@ -937,9 +954,8 @@ def test_broker_down_at_start_never_200_then_appears(spawn, tansu):
     wait_until(lambda: stream.oks(), 30, "a 200 after the broker appeared")
     time.sleep(0.5)
     results = stream.stop()
-    keys = set(keys_on_topic(broker.bootstrap))
-    assert {str(r[0]).encode() for r in stream.oks()} <= keys
     assert_within_bound(results)
+    assert_on_topic(broker.bootstrap, stream.oks())
     assert svc.stop()[0] == 0
 
 
@@ -974,15 +990,10 @@ def test_broker_killed_mid_stream_then_restarted_empty(spawn, tansu):
     time.sleep(1)
     results = stream.stop()
 
-    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
-    while_down = [r for r in results if r[3] > killed + 0.05 and r[4] < restarted]
-    assert while_down and all(r[1] == 503 for r in while_down)
-    assert_within_bound(results)
-    keys = set(keys_on_topic(restarted_broker.bootstrap))
+    assert_outage_answered_503(results, killed, restarted)
     acked_after_restart = [r for r in results if r[1] == 200 and r[4] > restarted]
     assert acked_after_restart
-    missing = [r[0] for r in acked_after_restart if str(r[0]).encode() not in keys]
-    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+    assert_on_topic(restarted_broker.bootstrap, acked_after_restart)
     assert svc.stop()[0] == 0
 
 
@@ -1003,15 +1014,10 @@ def test_broker_that_stops_answering_gives_503s_bounded_memory_and_recovers(spaw
     time.sleep(1)
     results = stream.stop()
 
-    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
-    while_paused = [r for r in results if r[3] > paused + 0.05 and r[4] < resumed]
-    assert while_paused and all(r[1] == 503 for r in while_paused)
+    while_paused = assert_outage_answered_503(results, paused, resumed)
     assert any("already waiting" in r[2] for r in while_paused), "pending bound never reached"
-    assert_within_bound(results)
     assert rss_paused - rss_before < 30, f"memory grew {rss_paused - rss_before:.1f} MiB"
-    keys = set(keys_on_topic(broker.bootstrap))
-    missing = [r[0] for r in stream.oks() if str(r[0]).encode() not in keys]
-    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+    assert_on_topic(broker.bootstrap, stream.oks())
     assert svc.stop()[0] == 0
 
 
@@ -1071,9 +1077,7 @@ def test_sigterm_under_load_exits_0_with_every_200_on_the_topic(spawn, tansu):
     results = stream.stop()
     assert code == 0 and seconds < 10
     assert "Traceback" not in svc.output
-    keys = set(keys_on_topic(broker.bootstrap))
-    missing = [r[0] for r in results if r[1] == 200 and str(r[0]).encode() not in keys]
-    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+    assert_on_topic(broker.bootstrap, stream.oks())
 
 
 @pytest.mark.slow
