@@ -5,8 +5,10 @@ It creates fake payment intents and, on request, publishes a
 One module on the standard library (``http.server`` and ``json``) plus
 kafka-python; run it with ``python payment_service.py``.
 
-Reading order: constants, request validation, the Kafka publisher, the route
-handlers and the routing table, the HTTP layer, and ``main()`` last.
+Reading order: constants; request validation; the Kafka publisher; the route
+handlers and the routing table (ROUTES); the access log; the HTTP layer (a
+BaseHTTPRequestHandler subclass and a ThreadingHTTPServer subclass); and
+``main()`` last, which reads the environment and owns every live resource.
 
 Delivery semantics: mock-succeed answers 200 only after the broker acknowledged
 the event (acks=all). A 503 means it was not acknowledged within
@@ -168,9 +170,9 @@ def event_record(payment):
 # Kafka
 # ---------------------------------------------------------------------------
 
-# kafka-python is imported by make_producer(), not at the top: importing it
-# takes longer than all the rest of start-up, so main() does it once the
-# server already answers.
+# kafka-python is imported by make_producer() and EventPublisher.start(), not
+# at the top: importing it takes longer than all the rest of start-up, so
+# main() does it once the server already answers.
 
 def make_producer(bootstrap, timeout_s):
     """One KafkaProducer for the whole service, bounded by timeout_s everywhere.
@@ -244,7 +246,7 @@ class EventPublisher:
         """
         deadline = time.monotonic() + self._timeout_s
         key, value = event_record(payment)
-        if not self._started.wait(self._timeout_s):
+        if not self._started.wait(_remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting")
         self._reserve()
         try:
@@ -346,12 +348,11 @@ class AccessLog:
 
     def __init__(self, fd=2, flush_interval_s=0.2, enabled=True):
         self.enabled = enabled
-        self._out = open(fd, "ab", buffering=64 * 1024, closefd=False)  # noqa: SIM115
         self._stop = threading.Event()
-        self._flusher = threading.Thread(
-            target=self._flush_periodically, args=(flush_interval_s,),
-            name="access-log-flusher", daemon=True)
-        self._flusher.start()
+        if enabled:
+            self._out = open(fd, "ab", buffering=64 * 1024, closefd=False)
+            threading.Thread(target=self._flush_periodically, args=(flush_interval_s,),
+                             name="access-log-flusher", daemon=True).start()
 
     def write(self, line):
         self._out.write(line.encode("utf-8", "backslashreplace") + b"\n")
@@ -368,7 +369,8 @@ class AccessLog:
 
     def close(self):
         self._stop.set()
-        self.flush()
+        if self.enabled:
+            self.flush()
 
 
 _CONTROL_CHARS = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
@@ -581,9 +583,6 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
             access_log.write(
                 f'{self.client_address[0]} - - [{log_time}] '
                 f'"{self.requestline.translate(_CONTROL_CHARS)}" {status} {size}')
-
-    def log_message(self, format, *args):
-        log.info("%s - %s", self.client_address[0], format % args)
 
 
 # What a client that vanished or stalled past the idle timeout raises mid-I/O.
