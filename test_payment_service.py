@@ -463,7 +463,7 @@ def test_parse_payment_rejects_bodies_with_400(body, words):
 
 
 def test_event_record_is_exact_bytes():
-    key, value = ps.event_record(ps.Payment(123, 25998, "USD"))
+    key, value = ps.payment_succeeded_record(ps.Payment(123, 25998, "USD"))
     assert key == b"123"
     assert value == (b'{"type": "payment.succeeded", "order_id": 123, '
                      b'"amount_cents": 25998, "currency": "USD"}')
@@ -1313,7 +1313,7 @@ def test_hostile_bodies_get_4xx_or_a_contract_200_and_the_topic_holds_exactly_th
                                      "client_secret": f"secret_{order_id}"}
         else:
             assert answer.body == b'{"status": "ok"}'
-            expected_records.append(ps.event_record(ps.Payment(order_id, amount, currency)))
+            expected_records.append(ps.payment_succeeded_record(ps.Payment(order_id, amount, currency)))
 
     check()
     assert len(examples) >= 2000
