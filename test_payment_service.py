@@ -6,7 +6,52 @@ instead (for example Apache Kafka in Docker). Tests that need to kill, stop or
 restart a broker always start their own Tansu.
 
 Sections: helpers and fixtures; validation units; the HTTP contract; Kafka
-events; the service process; faults and load (marked slow); hostile input.
+events; the service process; faults and load (marked slow); hostile input;
+container files.
+
+Index: each rule the README promises, and the tests that hold it to it.
+  200 from mock-succeed only once the broker acknowledged that record
+      test_mock_succeed_publishes_the_exact_record,
+      test_record_failed_after_a_successful_flush_is_503_saying_the_broker_refused_it,
+      test_32_clients_x_100_events_all_acknowledged_and_on_the_topic
+  503 when Kafka is down, hangs or restarts; never a wait past KAFKA_TIMEOUT_S; recovery
+      test_process_without_broker_serves_then_recovers_when_broker_appears,
+      test_broker_down_at_start_never_200_then_appears,
+      test_broker_killed_mid_stream_then_restarted_empty,
+      test_broker_that_stops_answering_gives_503s_bounded_memory_and_recovers,
+      test_publisher_not_started_answers_503_within_the_bound
+  503 at once past MAX_PENDING_EVENTS      test_publisher_refuses_at_once_past_the_pending_bound
+  400 for a body that is not a JSON object; 422 naming field and rule
+      test_parse_payment_rejects_bodies_with_400,
+      test_parse_payment_rejects_fields_with_422_naming_field_and_rule,
+      test_bad_bodies_get_a_json_detail, test_hostile_bodies_get_4xx_or_a_contract_200_...
+  currency upper-cased; unknown keys ignored
+      test_parse_payment_accepts_the_contract_and_upper_cases_currency,
+      test_unknown_keys_are_ignored
+  a failed request publishes nothing       test_failed_requests_publish_nothing,
+                                           test_create_intent_publishes_nothing
+  the query string is ignored              test_the_query_string_is_ignored_in_routing
+  the error table: 404, 405 + Allow, 411, 413, 415, 408, 414, 431, 505, 500
+      test_unknown_path_is_404, test_known_path_other_method_is_405_with_allow,
+      test_post_without_content_length_is_411, test_chunked_post_is_411_and_closes,
+      test_body_over_64_kib_is_413_without_reading_it, test_other_content_types_are_415,
+      test_body_shorter_than_content_length_from_a_stalled_client_is_408,
+      test_request_line_over_64_kib_is_414, test_header_line_over_64_kib_is_431,
+      test_200_headers_is_431, test_unsupported_http_version_is_505,
+      test_unexpected_error_is_500_without_traceback
+  HTTP/1.1 keep-alive, HTTP/1.0, pipelining, Expect: 100-continue, idle timeout
+      test_keep_alive_serves_many_requests_on_one_connection,
+      test_http_1_0_keep_alive_is_honoured, test_pipelined_requests_are_answered_in_order,
+      test_expect_100_continue, test_idle_connection_is_closed_by_the_server,
+      test_settimeout_fallback_serves_keep_alive_closes_idle_and_answers_408
+  the routing table printed at start-up    test_process_prints_routes_serves_and_logs_each_request
+  SIGTERM/SIGINT exit 0 within KAFKA_TIMEOUT_S + 3 s, in-flight requests answered
+      test_signals_exit_0_quickly_without_traceback,
+      test_sigterm_under_load_exits_0_with_every_200_on_the_topic,
+      test_sigterm_while_broker_down_exits_0_after_in_flight_503
+  the image's health check and the demo stack
+      test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one,
+      test_compose_runs_kafka_then_the_service_built_from_the_dockerfile
 """
 
 import contextlib
@@ -37,6 +82,7 @@ SUCCEED = "/payment/v1/payments/mock-succeed"
 JSON = {"Content-Type": "application/json"}
 BOUND_S = 2.0            # KAFKA_TIMEOUT_S for the service processes started here
 SLACK_S = 1.5            # scheduling slack on a busy 2-core machine
+SHUTDOWN_BOUND_S = BOUND_S + 3   # the README: SIGTERM exits within KAFKA_TIMEOUT_S + 3 s
 
 
 # ---------------------------------------------------------------------------
@@ -520,6 +566,43 @@ def test_publisher_refuses_at_once_past_the_pending_bound():
     assert publisher.pending == 2
 
 
+class FlushOkRecordFailedProducer:
+    """A producer stand-in whose flush() returns normally while the record
+    itself failed: what kafka-python does when the broker answers the produce
+    request with an error (here NotEnoughReplicas, as with acks=all and too
+    few in-sync replicas)."""
+
+    def __init__(self):
+        self.flushed = 0
+
+    def send(self, topic, key, value):
+        from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+        from kafka.structs import TopicPartition
+
+        self._batch = FutureProduceResult(TopicPartition(topic, 0))
+        return FutureRecordMetadata(self._batch, 0, -1, None, len(key), len(value), -1)
+
+    def flush(self, timeout=None):
+        from kafka.errors import NotEnoughReplicasError
+        self._batch.failure(NotEnoughReplicasError("not enough in-sync replicas"))
+        self.flushed += 1                                      # and returns quietly
+
+
+def test_record_failed_after_a_successful_flush_is_503_saying_the_broker_refused_it():
+    producer = FlushOkRecordFailedProducer()
+    publisher = ps.EventPublisher(timeout_s=1.0, max_pending=10)
+    publisher.start(producer)
+    svc = InProcessService(publisher)
+    try:
+        answer = post(svc.base, SUCCEED, payment_body(11))
+    finally:
+        svc.close()
+    assert producer.flushed >= 1                   # the flush happened and did not raise
+    assert answer.status == 503
+    assert answer.json()["detail"] == "the Kafka broker refused the event: NotEnoughReplicasError"
+    assert publisher.pending == 0
+
+
 def test_publisher_not_started_answers_503_within_the_bound():
     publisher = ps.EventPublisher(timeout_s=0.2, max_pending=10)
     started = time.monotonic()
@@ -560,6 +643,33 @@ def test_create_intent(base):
     answer = post(base, CREATE, body)
     assert answer.status == 200
     assert answer.body == b'{"payment_id": "pay_123", "client_secret": "secret_123"}'
+
+
+def test_unknown_keys_are_ignored(service):
+    order_id = unique_order_id()
+    body = json.dumps({"order_id": order_id, "amount_cents": 1, "currency": "usd",
+                       "note": "gift", "items": [{"sku": 1}], "order_ID": "x"}).encode()
+    create = post(service.base, CREATE, body)
+    assert create.status == 200 and create.json()["payment_id"] == f"pay_{order_id}"
+    assert post(service.base, SUCCEED, body).status == 200
+    [value] = [v for k, v in read_topic(service.bootstrap) if k == str(order_id).encode()]
+    assert json.loads(value) == {"type": "payment.succeeded", "order_id": order_id,
+                                 "amount_cents": 1, "currency": "USD"}   # no unknown key in it
+
+
+@pytest.mark.parametrize("method, path, status", [
+    ("GET", "/health?probe=1&x=%20", 200),
+    ("GET", "/v1/_info?", 200),
+    ("POST", CREATE + "?debug=true", 200),
+    ("DELETE", "/health?x=1", 405),
+    ("GET", "/nope?health", 404),
+])
+def test_the_query_string_is_ignored_in_routing(base, method, path, status):
+    answer = request(base, method, path, payment_body(8) if method == "POST" else None,
+                     JSON if method == "POST" else None)
+    assert answer.status == status
+    if status == 404:
+        assert answer.json()["detail"] == "no route for path '/nope'"     # the path only
 
 
 @pytest.mark.parametrize("content_type", [None, "application/json",
@@ -744,12 +854,85 @@ def test_malformed_header_line_is_400(base):
     assert parse_raw_answers(raw)[0][0] == 400
 
 
+def test_request_line_over_64_kib_is_414(base):
+    raw = raw_exchange(base, b"GET /" + b"a" * (ps.MAX_LINE_BYTES + 10) + b" HTTP/1.1\r\n\r\n")
+    [(status, headers, body)] = parse_raw_answers(raw)
+    assert status == 414 and headers["connection"] == "close" and json.loads(body)["detail"]
+
+
+def test_header_line_over_64_kib_is_431(base):
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nX-Big: " + b"b" * ps.MAX_LINE_BYTES + b"\r\n\r\n")
+    [(status, headers, _)] = parse_raw_answers(raw)
+    assert status == 431 and headers["connection"] == "close"
+
+
+def test_200_headers_is_431(base):
+    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(200))
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\n" + headers + b"\r\n")
+    [(status, _, body)] = parse_raw_answers(raw)
+    assert status == 431 and "header" in json.loads(body)["detail"]
+
+
+def test_100_headers_are_fine(base):
+    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(ps.MAX_HEADERS - 1))
+    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nConnection: close\r\n" + headers + b"\r\n")
+    assert parse_raw_answers(raw)[0][0] == 200
+
+
+def test_body_shorter_than_content_length_from_a_stalled_client_is_408(base, service):
+    body = payment_body(3)
+    with socket.create_connection(base, timeout=10) as sock:
+        sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body) + 20}\r\n\r\n").encode() + body)
+        started = time.monotonic()
+        data = b""
+        while chunk := sock.recv(4096):                       # then nothing more is sent
+            data += chunk
+        waited = time.monotonic() - started
+    [(status, headers, answer)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close" and json.loads(answer)["detail"]
+    assert service.server.idle_timeout_s - 0.2 <= waited < service.server.idle_timeout_s + SLACK_S
+
+
 def test_idle_connection_is_closed_by_the_server(base, service):
     with socket.create_connection(base, timeout=10) as sock:
         started = time.monotonic()
         assert sock.recv(1) == b""                                   # closed, no answer
         waited = time.monotonic() - started
     assert service.server.idle_timeout_s - 0.2 <= waited < service.server.idle_timeout_s + SLACK_S
+
+
+@pytest.fixture
+def fallback_timeouts_service(monkeypatch, service):
+    """A server that times sockets out with settimeout(), as it does off Linux
+    (where SO_RCVTIMEO does not take a struct timeval)."""
+    monkeypatch.setattr(ps, "KERNEL_SOCKET_TIMEOUTS", False)
+    svc = InProcessService(service.publisher, idle_timeout_s=1.0)
+    yield svc
+    svc.close()
+
+
+def test_settimeout_fallback_serves_keep_alive_closes_idle_and_answers_408(
+        fallback_timeouts_service):
+    base = fallback_timeouts_service.base
+    conn = http.client.HTTPConnection(*base, timeout=10)
+    for _ in range(3):                                             # keep-alive still works
+        assert request(base, "GET", "/health", conn=conn).status == 200
+    assert post(base, CREATE, payment_body(9), conn=conn).status == 200
+    conn.close()
+    with socket.create_connection(base, timeout=10) as sock:       # idle: closed after 1 s
+        started = time.monotonic()
+        assert sock.recv(1) == b""
+        assert 0.8 <= time.monotonic() - started < 1.0 + SLACK_S
+    body = payment_body(10)
+    with socket.create_connection(base, timeout=10) as sock:       # stalled body: 408
+        sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body) + 5}\r\n\r\n").encode() + body)
+        data = b""
+        while chunk := sock.recv(4096):
+            data += chunk
+    [(status, headers, answer)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close" and json.loads(answer)["detail"]
 
 
 # ---------------------------------------------------------------------------
@@ -809,7 +992,7 @@ def test_process_prints_routes_serves_and_logs_each_request(spawn, broker):
     assert post(svc.base, SUCCEED, payment_body(order_id)).status == 200
     assert request(svc.base, "GET", "/nope").status == 404
     code, seconds = svc.stop(signal.SIGTERM)
-    assert code == 0
+    assert code == 0 and seconds < SHUTDOWN_BOUND_S
     assert re.search(rf'"POST {SUCCEED} HTTP/1.1" 200 16', svc.output)
     assert re.search(r'"GET /nope HTTP/1.1" 404 \d+', svc.output)
     assert "Traceback" not in svc.output
@@ -841,7 +1024,7 @@ def test_signals_exit_0_quickly_without_traceback(spawn, broker, signum):
     request(svc.base, "GET", "/health", conn=conn)
     code, seconds = svc.stop(signum)
     conn.close()
-    assert code == 0 and seconds < 10
+    assert code == 0 and seconds < SHUTDOWN_BOUND_S
     assert "Traceback" not in svc.output and "stopped" in svc.output
 
 
@@ -1084,7 +1267,7 @@ def test_sigterm_under_load_exits_0_with_every_200_on_the_topic(spawn, tansu):
     wait_until(lambda: len(stream.oks()) > 100, 30, "traffic before SIGTERM")
     code, seconds = svc.stop(signal.SIGTERM)
     results = stream.stop()
-    assert code == 0 and seconds < 10
+    assert code == 0 and seconds < SHUTDOWN_BOUND_S
     assert "Traceback" not in svc.output
     assert_on_topic(broker.bootstrap, stream.oks())
 
@@ -1099,7 +1282,7 @@ def test_sigterm_while_broker_down_exits_0_after_in_flight_503(spawn):
     time.sleep(0.3)                                      # the request now waits for Kafka
     code, seconds = svc.stop(signal.SIGTERM)
     client.join(10)
-    assert code == 0 and seconds < 10
+    assert code == 0 and seconds < SHUTDOWN_BOUND_S
     assert [a.status for a in answers] == [503]          # answered, not cut off
     assert answers[0].headers["connection"] == "close"
     assert "Traceback" not in svc.output
@@ -1108,46 +1291,6 @@ def test_sigterm_while_broker_down_exits_0_after_in_flight_503(spawn):
 # ---------------------------------------------------------------------------
 # Hostile input
 # ---------------------------------------------------------------------------
-
-def test_request_line_over_64_kib_is_414(base):
-    raw = raw_exchange(base, b"GET /" + b"a" * (ps.MAX_LINE_BYTES + 10) + b" HTTP/1.1\r\n\r\n")
-    [(status, headers, body)] = parse_raw_answers(raw)
-    assert status == 414 and headers["connection"] == "close" and json.loads(body)["detail"]
-
-
-def test_header_line_over_64_kib_is_431(base):
-    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nX-Big: " + b"b" * ps.MAX_LINE_BYTES + b"\r\n\r\n")
-    [(status, headers, _)] = parse_raw_answers(raw)
-    assert status == 431 and headers["connection"] == "close"
-
-
-def test_200_headers_is_431(base):
-    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(200))
-    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\n" + headers + b"\r\n")
-    [(status, _, body)] = parse_raw_answers(raw)
-    assert status == 431 and "header" in json.loads(body)["detail"]
-
-
-def test_100_headers_are_fine(base):
-    headers = b"".join(b"X-Header-%d: %d\r\n" % (i, i) for i in range(ps.MAX_HEADERS - 1))
-    raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nConnection: close\r\n" + headers + b"\r\n")
-    assert parse_raw_answers(raw)[0][0] == 200
-
-
-def test_body_shorter_than_content_length_from_a_stalled_client_is_408(base, service):
-    body = payment_body(3)
-    with socket.create_connection(base, timeout=10) as sock:
-        sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
-                      f"Content-Length: {len(body) + 20}\r\n\r\n").encode() + body)
-        started = time.monotonic()
-        data = b""
-        while chunk := sock.recv(4096):                       # then nothing more is sent
-            data += chunk
-        waited = time.monotonic() - started
-    [(status, headers, answer)] = parse_raw_answers(data)
-    assert status == 408 and headers["connection"] == "close" and json.loads(answer)["detail"]
-    assert service.server.idle_timeout_s - 0.2 <= waited < service.server.idle_timeout_s + SLACK_S
-
 
 def test_pipelined_requests_are_answered_in_order(base):
     body = payment_body(42)
