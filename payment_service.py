@@ -374,6 +374,20 @@ def make_producer(bootstrap, timeout_s):
 # 4. Configuration and main()
 # ===========================================================================
 
+# The settings: (variable, default, meaning). config_from_env() reads them and
+# `python payment_service.py --help` prints them.
+SETTINGS = [
+    ("KAFKA_BOOTSTRAP", "kafka:9092", "Kafka bootstrap servers, host:port[,host:port]"),
+    ("HOST", "127.0.0.1", "address to listen on (the image sets 0.0.0.0)"),
+    ("PORT", "8000", "port to listen on (0: any free port)"),
+    ("KAFKA_TIMEOUT_S", "5", "the longest mock-succeed waits for the broker; then 503"),
+    ("MAX_PENDING_EVENTS", "1000", "events waiting for the broker at most; past it, 503 at once"),
+    ("IDLE_TIMEOUT_S", "5", "an idle keep-alive connection is closed after this"),
+    ("ACCESS_LOG", "1", "one line per request on stderr; 0 turns it off"),
+]
+DEFAULTS = {name: default for name, default, _ in SETTINGS}
+
+
 class Config(NamedTuple):
     kafka_bootstrap: str
     host: str
@@ -386,28 +400,58 @@ class Config(NamedTuple):
 
 def config_from_env(environ):
     """Read the settings once; a malformed value stops the service with a message."""
-    def number(name, default, kind, minimum):
-        text = environ.get(name, str(default))
+    def text(name):
+        return environ.get(name, DEFAULTS[name])
+
+    def number(name, kind, minimum):
         try:
-            value = kind(text)
+            value = kind(text(name))
         except ValueError:
-            raise SystemExit(f"{name}={text!r} is not a {kind.__name__}") from None
+            raise SystemExit(f"{name}={text(name)!r} is not a {kind.__name__}") from None
         if not value >= minimum:
-            raise SystemExit(f"{name}={text!r} must be at least {minimum}")
+            raise SystemExit(f"{name}={text(name)!r} must be at least {minimum}")
         return value
 
     return Config(
-        kafka_bootstrap=environ.get("KAFKA_BOOTSTRAP", "kafka:9092"),
-        host=environ.get("HOST", "0.0.0.0"),
-        port=number("PORT", 8000, int, 0),
-        kafka_timeout_s=number("KAFKA_TIMEOUT_S", 5.0, float, 0.1),
-        max_pending_events=number("MAX_PENDING_EVENTS", 1000, int, 1),
-        idle_timeout_s=number("IDLE_TIMEOUT_S", 5.0, float, 0.1),
-        access_log=environ.get("ACCESS_LOG", "1").lower() not in ("0", "false", "no", "off"),
+        kafka_bootstrap=text("KAFKA_BOOTSTRAP"),
+        host=text("HOST"),
+        port=number("PORT", int, 0),
+        kafka_timeout_s=number("KAFKA_TIMEOUT_S", float, 0.1),
+        max_pending_events=number("MAX_PENDING_EVENTS", int, 1),
+        idle_timeout_s=number("IDLE_TIMEOUT_S", float, 0.1),
+        access_log=text("ACCESS_LOG").lower() not in ("0", "false", "no", "off"),
     )
 
 
+def usage():
+    """What --help prints: how to run the service, and its settings."""
+    width = max(len(name) for name, _, _ in SETTINGS)
+    rows = "\n".join(f"  {name:<{width}}  {default:<10}  {meaning}"
+                     for name, default, meaning in SETTINGS)
+    return (f"payment-service {__version__}: a mock payment processor that publishes "
+            f"{EVENT_TYPE} events to Kafka.\n\n"
+            f"usage: [VARIABLE=value ...] python payment_service.py\n\n"
+            f"Settings, read from the environment at start-up:\n"
+            f"  {'variable':<{width}}  {'default':<10}  meaning\n{rows}\n")
+
+
+def warn_if_unresolvable(bootstrap):
+    """Say once, at start-up, when a bootstrap host has no address: the
+    default kafka:9092 only resolves inside Docker Compose."""
+    for server in bootstrap.split(","):
+        host = server.strip().rpartition(":")[0].strip("[]")
+        try:
+            socket.getaddrinfo(host, None)
+        except (socket.gaierror, UnicodeError):
+            log.warning("KAFKA_BOOTSTRAP host %r does not resolve: mock-succeed answers 503 "
+                        "until it does (outside Docker Compose, try KAFKA_BOOTSTRAP=localhost:9092)",
+                        host)
+
+
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(usage(), end="")
+        return
     config = config_from_env(os.environ)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -430,6 +474,7 @@ def main():
     # Serve first, then import kafka-python and make the producer: /health
     # answers within ~60 ms of start; mock-succeed waits for the producer.
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http-accept").start()
+    warn_if_unresolvable(config.kafka_bootstrap)
     publisher.start(make_producer(config.kafka_bootstrap, config.kafka_timeout_s))
 
     stop_requested.wait()

@@ -524,7 +524,7 @@ def test_format_routes_prints_every_route_from_the_table():
 
 def test_config_defaults_and_errors():
     config = ps.config_from_env({})
-    assert (config.kafka_bootstrap, config.host, config.port) == ("kafka:9092", "0.0.0.0", 8000)
+    assert (config.kafka_bootstrap, config.host, config.port) == ("kafka:9092", "127.0.0.1", 8000)
     assert 0 < config.kafka_timeout_s <= 10
     with pytest.raises(SystemExit, match="PORT"):
         ps.config_from_env({"PORT": "eighty"})
@@ -1026,6 +1026,35 @@ def test_signals_exit_0_quickly_without_traceback(spawn, broker, signum):
     conn.close()
     assert code == 0 and seconds < SHUTDOWN_BOUND_S
     assert "Traceback" not in svc.output and "stopped" in svc.output
+
+
+def test_help_prints_every_setting_and_exits_0_without_serving():
+    port = free_port()
+    done = subprocess.run([sys.executable, os.path.join(HERE, "payment_service.py"), "--help"],
+                          env=dict(os.environ, PORT=str(port)), capture_output=True, timeout=10)
+    assert done.returncode == 0 and done.stderr == b""
+    out = done.stdout.decode()
+    assert "usage:" in out and "listening" not in out
+    for name, default, _ in ps.SETTINGS:
+        assert re.search(rf"^  {name}\s+{re.escape(default)}\s+\S", out, re.M), name
+    assert not port_open(port)
+
+
+def test_bare_run_listens_on_loopback_and_the_image_on_every_address():
+    assert ps.config_from_env({}).host == "127.0.0.1"
+    with open(os.path.join(HERE, "Dockerfile")) as dockerfile:
+        assert re.search(r"^\s*HOST=0\.0\.0\.0\b", dockerfile.read(), re.M)
+
+
+def test_unresolvable_bootstrap_host_is_warned_about_once_at_start_up(spawn):
+    svc = spawn("no-such-kafka.invalid:9092,127.0.0.1:1")
+    wait_until(lambda: "does not resolve" in svc.output, 10, "the warning")
+    assert request(svc.base, "GET", "/health").status == 200
+    assert post(svc.base, SUCCEED, payment_body(12)).status == 503
+    assert svc.stop()[0] == 0
+    assert svc.output.count("does not resolve") == 1
+    assert "'no-such-kafka.invalid'" in svc.output and "127.0.0.1" not in svc.output.split(
+        "does not resolve")[0].splitlines()[-1]
 
 
 def test_client_that_disconnects_mid_request_prints_no_traceback(spawn, broker):
