@@ -1518,13 +1518,17 @@ def test_compose_runs_kafka_then_the_service_built_from_the_dockerfile():
     env = kafka["environment"]
     assert env["KAFKA_PROCESS_ROLES"] == "broker,controller"                   # KRaft, one node
     advertised = dict(url.split("://") for url in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
-    assert advertised == {"PLAINTEXT": "kafka:9092", "PLAINTEXT_HOST": "localhost:29092"}
+    assert advertised == {"PLAINTEXT": "kafka:9092", "PLAINTEXT_HOST": "localhost:9092"}
     assert set(env["KAFKA_LISTENERS"].split(",")) == {
         "PLAINTEXT://:9092", "CONTROLLER://:9093", "PLAINTEXT_HOST://:29092"}
     protocols = dict(pair.split(":") for pair in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
     assert set(protocols) == {"PLAINTEXT", "CONTROLLER", "PLAINTEXT_HOST"}
     assert env["KAFKA_CONTROLLER_LISTENER_NAMES"] == "CONTROLLER"
-    assert kafka["ports"] == ["29092:29092"]
+    assert kafka["ports"] == ["9092:29092"]          # the host listener, on the usual port
+    with open(os.path.join(HERE, "README.md")) as readme:  # where the run command looks
+        run_command = re.search(r"KAFKA_BOOTSTRAP=(\S+) \.venv/bin/python payment_service\.py",
+                                readme.read())
+    assert run_command and run_command[1] == advertised["PLAINTEXT_HOST"]
     assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == f"{env['KAFKA_NODE_ID']}@kafka:9093"
     assert env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == 1
     assert "kafka:9092" in " ".join(kafka["healthcheck"]["test"])
