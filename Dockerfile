@@ -1,5 +1,5 @@
 # payment-service: the standard library plus kafka-python, on a slim pinned Python.
-FROM python:3.11.7-slim-bookworm
+FROM python:3.11.17-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
