@@ -52,6 +52,14 @@ Index: each rule the README promises, and the tests that hold it to it.
   the image's health check and the demo stack
       test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one,
       test_compose_runs_kafka_then_the_service_built_from_the_dockerfile
+  Kafka beyond localhost: TLS and SASL settings; a bad combination stops start-up
+      test_tls_with_the_right_ca_answers_200_and_the_record_arrives_over_tls,
+      test_tls_with_a_wrong_ca_answers_503_and_publishes_nothing,
+      test_sasl_login_is_checked_and_the_record_arrives,
+      test_sasl_wrong_password_answers_503_and_publishes_nothing,
+      test_sasl_ssl_the_managed_cluster_case_end_to_end,
+      test_sasl_settings_reach_the_producer_and_the_password_is_never_shown,
+      test_bad_combination_exits_non_zero_at_once_with_one_line_naming_the_setting
 """
 
 import contextlib
