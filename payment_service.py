@@ -35,6 +35,7 @@ import queue
 import signal
 import socket
 import socketserver
+import ssl
 import struct
 import sys
 import threading
@@ -341,7 +342,7 @@ def _remaining(deadline):
 KAFKA_API_VERSION = (3, 9)
 
 
-def make_producer(bootstrap, timeout_s):
+def make_producer(bootstrap, timeout_s, **settings):
     """One KafkaProducer for the whole service, bounded by timeout_s everywhere.
 
     It returns at once even with no broker up (api_version is given) and
@@ -352,6 +353,9 @@ def make_producer(bootstrap, timeout_s):
     kafka-python is imported here and in EventPublisher.start(), not at the
     top: importing it takes longer than all the rest of start-up, so main()
     does it once the server already answers.
+
+    settings: more KafkaProducer keyword arguments, such as the security ones
+    kafka_client_settings() reads (section 4).
     """
     from kafka import KafkaProducer
 
@@ -367,6 +371,7 @@ def make_producer(bootstrap, timeout_s):
         delivery_timeout_ms=timeout_ms,   # retries of a record end with its request
         reconnect_backoff_max_ms=1000,    # notice a returning broker within a second
         metrics_enabled=False,            # nothing reads them; they cost CPU per record
+        **settings,
     )
 
 
@@ -384,6 +389,12 @@ SETTINGS = [
     ("MAX_PENDING_EVENTS", "1000", "events waiting for the broker at most; past it, 503 at once"),
     ("IDLE_TIMEOUT_S", "5", "an idle keep-alive connection is closed after this"),
     ("ACCESS_LOG", "1", "one line per request on stderr; 0 turns it off"),
+    ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"),
+    ("KAFKA_SSL_CAFILE", "", "PEM file of the CAs the broker's certificate is checked against"),
+    ("KAFKA_SASL_MECHANISM", "", "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"),
+    ("KAFKA_SASL_USERNAME", "", "SASL user name"),
+    ("KAFKA_SASL_PASSWORD", "", "SASL password (never printed)"),
+    ("KAFKA_CLIENT_ID", "payment-service", "the client id the broker sees"),
 ]
 DEFAULTS = {name: default for name, default, _ in SETTINGS}
 
@@ -396,6 +407,7 @@ class Config(NamedTuple):
     max_pending_events: int
     idle_timeout_s: float
     access_log: bool
+    kafka_client: "KafkaClientSettings"   # TLS, SASL, client id: kafka_client_settings()
 
 
 def config_from_env(environ):
@@ -420,19 +432,121 @@ def config_from_env(environ):
         max_pending_events=number("MAX_PENDING_EVENTS", int, 1),
         idle_timeout_s=number("IDLE_TIMEOUT_S", float, 0.1),
         access_log=text("ACCESS_LOG").lower() not in ("0", "false", "no", "off"),
+        kafka_client=kafka_client_settings(environ),
     )
+
+
+# -- Kafka beyond localhost: TLS and SASL (issue 12) ---------------------------
+# Managed and secured clusters want TLS, SASL credentials, or both. These
+# settings become keyword arguments of the one KafkaProducer; a combination
+# that cannot work stops the service at start-up with one line naming the
+# setting, rather than as 503s later. The password is never printed.
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+SASL_SETTINGS = ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SASL_PASSWORD")
+
+
+class Secret(str):
+    """A password: the real text for kafka-python, '***' wherever it is shown
+    (repr, str, format), so no log line, traceback or repr(Config) holds it."""
+
+    def __repr__(self):
+        return "'***'"
+
+    def __str__(self):
+        return "***"
+
+    def __format__(self, spec):
+        return format("***", spec)
+
+
+class KafkaClientSettings(NamedTuple):
+    producer_settings: dict     # extra KafkaProducer keyword arguments
+    description: str            # for the start-up line: protocol, mechanism, user
+
+
+def kafka_client_settings(environ):
+    """The security settings (KAFKA_SECURITY_PROTOCOL, KAFKA_SSL_CAFILE,
+    KAFKA_SASL_MECHANISM, KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD) and
+    KAFKA_CLIENT_ID, checked together. An empty value counts as unset.
+    A bad combination raises SystemExit with one line naming the setting."""
+    def setting(name):
+        return environ.get(name, "").strip()
+
+    protocol = setting("KAFKA_SECURITY_PROTOCOL").upper() or DEFAULTS["KAFKA_SECURITY_PROTOCOL"]
+    if protocol not in SECURITY_PROTOCOLS:
+        raise SystemExit(f"KAFKA_SECURITY_PROTOCOL={setting('KAFKA_SECURITY_PROTOCOL')!r} "
+                         f"is not one of {', '.join(SECURITY_PROTOCOLS)}")
+    client_id = setting("KAFKA_CLIENT_ID") or DEFAULTS["KAFKA_CLIENT_ID"]
+    if len(client_id) > 255 or not client_id.isprintable():
+        raise SystemExit("KAFKA_CLIENT_ID must be at most 255 printable characters")
+    settings = {"security_protocol": protocol, "client_id": client_id}
+    description = protocol
+
+    uses_tls = protocol in ("SSL", "SASL_SSL")
+    cafile = setting("KAFKA_SSL_CAFILE")
+    if cafile and not uses_tls:
+        raise SystemExit(f"KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                         f"does not use TLS; use SSL or SASL_SSL, or unset KAFKA_SSL_CAFILE")
+    if cafile:
+        check_ca_file(cafile)
+        settings["ssl_cafile"] = cafile
+        description += f" (CA file {cafile})"
+
+    given = [name for name in SASL_SETTINGS if setting(name)]
+    if not protocol.startswith("SASL_"):
+        if given:
+            raise SystemExit(f"{given[0]} is set but KAFKA_SECURITY_PROTOCOL={protocol} "
+                             f"does not use SASL; use SASL_SSL or SASL_PLAINTEXT, "
+                             f"or unset {given[0]}")
+        return KafkaClientSettings(settings, description)
+
+    for name in SASL_SETTINGS:
+        if name not in given:
+            raise SystemExit(f"{name} is required when KAFKA_SECURITY_PROTOCOL={protocol}")
+    mechanism = setting("KAFKA_SASL_MECHANISM").upper()
+    if mechanism not in SASL_MECHANISMS:
+        raise SystemExit(f"KAFKA_SASL_MECHANISM={setting('KAFKA_SASL_MECHANISM')!r} "
+                         f"is not one of {', '.join(SASL_MECHANISMS)}")
+    username = setting("KAFKA_SASL_USERNAME")
+    if not username.isprintable():
+        raise SystemExit("KAFKA_SASL_USERNAME must be printable characters")
+    password = environ["KAFKA_SASL_PASSWORD"]          # taken as given: spaces count
+    if "\0" in password:
+        raise SystemExit("KAFKA_SASL_PASSWORD must not contain a NUL character")
+    settings.update(sasl_mechanism=mechanism, sasl_plain_username=username,
+                    sasl_plain_password=Secret(password))
+    description += f", {mechanism} as user {username!r}"
+    return KafkaClientSettings(settings, description)
+
+
+def check_ca_file(path):
+    """SystemExit unless path is a readable file of PEM certificates: the CAs
+    (or the broker's own self-signed certificate) the broker is checked against."""
+    try:
+        context = ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise SystemExit(f"KAFKA_SSL_CAFILE={path!r}: no such file") from None
+    except (ssl.SSLError, ValueError):            # read, but no certificate in it
+        context = None                            # (SSLError is an OSError: first)
+    except OSError as exc:                        # PermissionError, IsADirectoryError, ...
+        reason = exc.strerror or type(exc).__name__
+        raise SystemExit(f"KAFKA_SSL_CAFILE={path!r} cannot be read: {reason}") from None
+    if context is None or not context.cert_store_stats()["x509"]:   # e.g. only a CRL
+        raise SystemExit(f"KAFKA_SSL_CAFILE={path!r} is not a PEM certificate file")
 
 
 def usage():
     """What --help prints: how to run the service, and its settings."""
     width = max(len(name) for name, _, _ in SETTINGS)
-    rows = "\n".join(f"  {name:<{width}}  {default:<10}  {meaning}"
+    rows = "\n".join(f"  {name:<{width}}  {default or '-':<15}  {meaning}"
                      for name, default, meaning in SETTINGS)
     return (f"payment-service {__version__}: a mock payment processor that publishes "
             f"{EVENT_TYPE} events to Kafka.\n\n"
             f"usage: [VARIABLE=value ...] python payment_service.py\n\n"
             f"Settings, read from the environment at start-up:\n"
-            f"  {'variable':<{width}}  {'default':<10}  meaning\n{rows}\n")
+            f"  {'variable':<{width}}  {'default':<15}  meaning\n{rows}\n")
 
 
 def warn_if_unresolvable(bootstrap):
@@ -470,12 +584,14 @@ def main():
 
     print(f"payment-service {__version__} routes:\n{format_routes(ROUTES)}", flush=True)
     print(f"listening on http://{config.host}:{server.server_port} "
-          f"(Kafka {config.kafka_bootstrap}, topic {TOPIC})", flush=True)
+          f"(Kafka {config.kafka_bootstrap} over {config.kafka_client.description}, "
+          f"topic {TOPIC})", flush=True)
     # Serve first, then import kafka-python and make the producer: /health
     # answers within ~60 ms of start; mock-succeed waits for the producer.
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http-accept").start()
     warn_if_unresolvable(config.kafka_bootstrap)
-    publisher.start(make_producer(config.kafka_bootstrap, config.kafka_timeout_s))
+    publisher.start(make_producer(config.kafka_bootstrap, config.kafka_timeout_s,
+                                  **config.kafka_client.producer_settings))
 
     stop_requested.wait()
     print("stopping: finishing in-flight requests", flush=True)

@@ -52,6 +52,14 @@ Index: each rule the README promises, and the tests that hold it to it.
   the image's health check and the demo stack
       test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one,
       test_compose_runs_kafka_then_the_service_built_from_the_dockerfile
+  Kafka beyond localhost: TLS and SASL settings; a bad combination stops start-up
+      test_tls_with_the_right_ca_answers_200_and_the_record_arrives_over_tls,
+      test_tls_with_a_wrong_ca_answers_503_and_publishes_nothing,
+      test_sasl_login_is_checked_and_the_record_arrives,
+      test_sasl_wrong_password_answers_503_and_publishes_nothing,
+      test_sasl_ssl_the_managed_cluster_case_end_to_end,
+      test_sasl_settings_reach_the_producer_and_the_password_is_never_shown,
+      test_bad_combination_exits_non_zero_at_once_with_one_line_naming_the_setting
 """
 
 import contextlib
@@ -203,10 +211,11 @@ class Relay:
             sock.close()
 
 
-def read_topic(bootstrap, timeout_s=15.0):
-    """Every (key, value) on the topic, read with assign() + seek_to_beginning()."""
+def read_topic(bootstrap, timeout_s=15.0, **settings):
+    """Every (key, value) on the topic, read with assign() + seek_to_beginning().
+    settings: more KafkaConsumer arguments (TLS, SASL)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
-                             request_timeout_ms=10000)
+                             request_timeout_ms=10000, **settings)
     try:
         partitions = consumer.partitions_for_topic(ps.TOPIC)
         if not partitions:
@@ -1549,3 +1558,513 @@ def test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one
     failing = subprocess.run([sys.executable, *command[1:]], env=env, timeout=10,
                              capture_output=True)
     assert failing.returncode != 0
+
+
+# ---------------------------------------------------------------------------
+# Kafka beyond localhost: TLS and SASL (issue 12)
+# ---------------------------------------------------------------------------
+# Tansu 0.6.0 cannot be the secured broker itself: its `broker --cert` still
+# listens in plain text (and clap refuses --cert together with --key), and its
+# SASL answers UnsupportedSaslMechanism even for the mechanism it lists, while
+# `--authentication` also locks out `tansu user create`. So the tests put the
+# security in front of a plain Tansu, which advertises the front's port:
+# TlsRelay is a TLS listener (stdlib ssl, a throwaway CA made with openssl),
+# SaslGateway checks PLAIN / SCRAM-SHA-256 / SCRAM-SHA-512 logins the way a
+# broker does before it lets a connection's requests through.
+
+import base64
+import hashlib
+import hmac
+import select
+import ssl
+import struct
+from types import SimpleNamespace
+
+SECRET_PASSWORD = "pw-" + uuid.uuid4().hex          # grepped for in every output
+
+
+def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A throwaway CA, a broker certificate it signed for 127.0.0.1, another
+    CA that signed nothing, and a file that is not a certificate."""
+    folder = tmp_path_factory.mktemp("tls")
+    path = lambda name: str(folder / name)                     # noqa: E731
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *key, "-days", "2", "-subj", f"/CN=payment-service test {ca}",
+                "-keyout", path(f"{ca}.key"), "-out", path(f"{ca}.pem"))
+    openssl("req", *key, "-subj", "/CN=127.0.0.1",
+            "-keyout", path("broker.key"), "-out", path("broker.csr"))
+    with open(path("broker.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", path("broker.csr"), "-CA", path("ca.pem"),
+            "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", path("broker.ext"), "-out", path("broker.pem"))
+    with open(path("not-a-cert.pem"), "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    return SimpleNamespace(ca=path("ca.pem"), other_ca=path("other-ca.pem"),
+                           cert=path("broker.pem"), key=path("broker.key"),
+                           not_a_cert=path("not-a-cert.pem"), folder=str(folder))
+
+
+def pump(a, b, stopped):
+    """Copy bytes both ways between two sockets (either may be TLS) in one
+    thread (an SSLSocket must not be read and written from two threads)."""
+    socks = [a, b]
+    while not stopped.is_set():
+        ready, _, _ = select.select(socks, [], [], 0.2)
+        ready += [s for s in socks
+                  if isinstance(s, ssl.SSLSocket) and s.pending() and s not in ready]
+        for src in ready:
+            data = src.recv(65536)
+            if not data:
+                return
+            (b if src is a else a).sendall(data)
+
+
+class Front:
+    """A loopback listener standing in front of a plain broker port; each
+    connection is served by serve(client, upstream) in a thread."""
+
+    def __init__(self, target_port=None):
+        self.port = free_port()
+        self.target_port = target_port or free_port()
+        self._stopped = threading.Event()
+
+    def open(self):
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client):
+        try:
+            with client, socket.create_connection(("127.0.0.1", self.target_port), 5) as upstream:
+                self.serve(client, upstream)
+        except (OSError, ValueError, struct.error, KeyError, IndexError):
+            pass
+
+    def close(self):
+        self._stopped.set()
+        self._listener.close()
+
+
+class TlsRelay(Front):
+    """The broker's TLS listener: TLS outside, the plain broker inside."""
+
+    def __init__(self, certfile, keyfile, target_port=None):
+        super().__init__(target_port)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.handshakes = 0           # TLS sessions established
+        self.refused_handshakes = 0   # clients that would not trust the certificate
+
+    def serve(self, client, upstream):
+        client.settimeout(10)
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.refused_handshakes += 1
+            return
+        self.handshakes += 1
+        with tls:
+            pump(tls, upstream, self._stopped)
+
+
+# -- SASL as a broker checks it: SaslHandshake, then SaslAuthenticate ---------
+
+API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+SASL_AUTHENTICATION_FAILED, UNSUPPORTED_SASL_MECHANISM = 58, 33
+
+
+def recv_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed mid-frame")
+        data += chunk
+    return data
+
+
+def read_frame(sock):
+    return recv_exactly(sock, struct.unpack(">i", recv_exactly(sock, 4))[0])
+
+
+def send_frame(sock, payload):
+    sock.sendall(struct.pack(">i", len(payload)) + payload)
+
+
+def read_uvarint(data, pos):
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def uvarint(value):
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def sasl_authenticate_token(frame, body_at, version):
+    """The auth_bytes of a SaslAuthenticate request (v2 is a flexible version)."""
+    if version < 2:
+        (size,) = struct.unpack_from(">i", frame, body_at)
+        return frame[body_at + 4:body_at + 4 + size]
+    tags, pos = read_uvarint(frame, body_at)                # the header's tagged fields
+    for _ in range(tags):
+        _, pos = read_uvarint(frame, pos)
+        size, pos = read_uvarint(frame, pos)
+        pos += size
+    size, pos = read_uvarint(frame, pos)
+    return frame[pos:pos + size - 1]
+
+
+def sasl_authenticate_answer(correlation_id, version, error, token):
+    code = SASL_AUTHENTICATION_FAILED if error else 0
+    if version >= 2:
+        message = uvarint(len(error) + 1) + error.encode() if error else b"\x00"
+        return (struct.pack(">i", correlation_id) + b"\x00" + struct.pack(">h", code) + message
+                + uvarint(len(token) + 1) + token + struct.pack(">q", 0) + b"\x00")
+    message = struct.pack(">h", len(error)) + error.encode() if error else struct.pack(">h", -1)
+    answer = struct.pack(">ih", correlation_id, code) + message + struct.pack(">i", len(token)) + token
+    return answer + (struct.pack(">q", 0) if version >= 1 else b"")
+
+
+class ScramServer:
+    """The server side of RFC 5802 (SCRAM-SHA-256 / -512), as Kafka runs it."""
+
+    def __init__(self, mechanism, users):
+        self.hash = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}[mechanism]
+        self.users = users
+        self.step = self.first
+
+    def first(self, token):
+        self.client_first_bare = token.decode().partition(",,")[2]       # after "n,,"
+        attrs = dict(kv.split("=", 1) for kv in self.client_first_bare.split(","))
+        self.user, self.nonce = attrs["n"], attrs["r"] + uuid.uuid4().hex
+        self.salt, self.iterations = os.urandom(16), 4096
+        self.server_first = (f"r={self.nonce},s={base64.b64encode(self.salt).decode()},"
+                             f"i={self.iterations}")
+        self.step = self.final
+        return self.user, self.server_first.encode(), False
+
+    def final(self, token):
+        without_proof, _, proof = token.decode().rpartition(",p=")
+        password = self.users.get(self.user)
+        if password is None or f"r={self.nonce}" not in without_proof.split(","):
+            return self.user, None, True
+        salted = hashlib.pbkdf2_hmac(self.hash, password.encode(), self.salt, self.iterations)
+        client_key = hmac.new(salted, b"Client Key", self.hash).digest()
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.new(hashlib.new(self.hash, client_key).digest(), auth_message,
+                             self.hash).digest()
+        if not hmac.compare_digest(bytes(a ^ b for a, b in zip(client_key, signature)),
+                                   base64.b64decode(proof)):
+            return self.user, None, True
+        server_key = hmac.new(salted, b"Server Key", self.hash).digest()
+        return self.user, b"v=" + base64.b64encode(
+            hmac.new(server_key, auth_message, self.hash).digest()), True
+
+
+class PlainServer:
+    def __init__(self, mechanism, users):
+        self.users = users
+
+    def step(self, token):
+        _, user, password = token.decode().split("\0")
+        ok = user in self.users and hmac.compare_digest(self.users[user], password)
+        return user, b"" if ok else None, True
+
+
+class SaslGateway(Front):
+    """A broker's SASL check in front of a plain broker: ApiVersions passes
+    through, SaslHandshake and SaslAuthenticate are answered here, any other
+    request before a successful login closes the connection; after it, the
+    connection is the broker's."""
+
+    MECHANISMS = {"PLAIN": PlainServer, "SCRAM-SHA-256": ScramServer, "SCRAM-SHA-512": ScramServer}
+
+    def __init__(self, users, target_port=None):
+        super().__init__(target_port)
+        self.users = users
+        self.logins = []        # (mechanism, user) of each successful login
+        self.refused = []       # (mechanism, user) of each refused one
+
+    def serve(self, client, upstream):
+        if self.authenticate(client, upstream):
+            pump(client, upstream, self._stopped)
+
+    def authenticate(self, client, upstream):
+        mechanism = server = None
+        while True:
+            frame = read_frame(client)
+            api_key, version, correlation_id, client_id_size = struct.unpack_from(">hhih", frame)
+            body_at = 10 + max(client_id_size, 0)
+            if api_key == API_VERSIONS:
+                send_frame(upstream, frame)
+                send_frame(client, read_frame(upstream))
+            elif api_key == SASL_HANDSHAKE:
+                (size,) = struct.unpack_from(">h", frame, body_at)
+                mechanism = frame[body_at + 2:body_at + 2 + size].decode()
+                known = mechanism in self.MECHANISMS
+                names = [m.encode() for m in self.MECHANISMS]
+                send_frame(client, struct.pack(">ihi", correlation_id,
+                                               0 if known else UNSUPPORTED_SASL_MECHANISM, len(names))
+                           + b"".join(struct.pack(">h", len(n)) + n for n in names))
+                if not known:
+                    return False
+                server = self.MECHANISMS[mechanism](mechanism, self.users)
+            elif api_key == SASL_AUTHENTICATE and server:
+                token = sasl_authenticate_token(frame, body_at, version)
+                user, answer, done = server.step(token)
+                error = "Authentication failed: invalid credentials" if answer is None else None
+                send_frame(client, sasl_authenticate_answer(correlation_id, version, error,
+                                                            answer or b""))
+                if error:
+                    self.refused.append((mechanism, user))
+                    return False
+                if done:
+                    self.logins.append((mechanism, user))
+                    return True
+            else:
+                return False
+
+
+# -- helpers for the tests below ---------------------------------------------
+
+def secured_broker(tansu, *fronts):
+    """Open the fronts (outermost first), each in front of the next, with a
+    Tansu behind the last that advertises the outermost: every connection a
+    client makes, after bootstrap too, goes through all of them."""
+    for outer, inner in zip(fronts, fronts[1:]):
+        outer.target_port = inner.port
+    broker = tansu(port=fronts[-1].target_port, advertised_port=fronts[0].port)
+    broker.create_topic()
+    for front in fronts:
+        front.open()
+    return broker
+
+
+def sasl_env(mechanism, protocol="SASL_PLAINTEXT", password=SECRET_PASSWORD, user="payments"):
+    return dict(KAFKA_SECURITY_PROTOCOL=protocol, KAFKA_SASL_MECHANISM=mechanism,
+                KAFKA_SASL_USERNAME=user, KAFKA_SASL_PASSWORD=password)
+
+
+def consumer_settings(env):
+    """KafkaConsumer keyword arguments for the same settings the service got."""
+    settings = ps.kafka_client_settings(env).producer_settings
+    settings.pop("client_id")
+    return settings
+
+
+def post_records(svc, count):
+    """POST count mock-succeeds; (order_id, status, seconds) of each."""
+    results = []
+    for _ in range(count):
+        order_id = unique_order_id()
+        started = time.monotonic()
+        answer = post(svc.base, SUCCEED, payment_body(order_id))
+        results.append((order_id, answer.status, time.monotonic() - started))
+    return results
+
+
+def record_of(order_id):
+    return ps.payment_succeeded_record(ps.Payment(order_id, 25998, "USD"))
+
+
+def assert_no_secret_and_no_traceback(output):
+    assert SECRET_PASSWORD not in output
+    assert "Traceback" not in output
+
+
+# -- settings: what the producer is given, what is shown ----------------------
+
+def test_default_client_settings_are_plaintext_with_a_client_id():
+    assert ps.config_from_env({}).kafka_client == (
+        {"security_protocol": "PLAINTEXT", "client_id": "payment-service"}, "PLAINTEXT")
+    settings = ps.kafka_client_settings({"KAFKA_CLIENT_ID": "shop-42", "KAFKA_SECURITY_PROTOCOL": ""})
+    assert settings.producer_settings["client_id"] == "shop-42"
+
+
+@pytest.mark.parametrize("protocol", ["SASL_SSL", "sasl_plaintext"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"])
+def test_sasl_settings_reach_the_producer_and_the_password_is_never_shown(protocol, mechanism):
+    config = ps.config_from_env(sasl_env(mechanism, protocol))
+    settings, description = config.kafka_client
+    assert settings == {"security_protocol": protocol.upper(), "client_id": "payment-service",
+                        "sasl_mechanism": mechanism.upper(), "sasl_plain_username": "payments",
+                        "sasl_plain_password": SECRET_PASSWORD}
+    assert description == f"{protocol.upper()}, {mechanism.upper()} as user 'payments'"
+    password = settings["sasl_plain_password"]
+    for shown in (repr(config), str(config), f"{password}", "%s" % password, str(password),
+                  repr(settings), description):
+        assert SECRET_PASSWORD not in shown
+    assert password.encode() == SECRET_PASSWORD.encode()       # what kafka-python sends
+    producer = ps.make_producer("127.0.0.1:1", 1.0, **settings)
+    try:
+        for name, value in settings.items():
+            assert producer.config[name] == value
+        assert producer.config["acks"] == -1 or producer.config["acks"] == "all"
+    finally:
+        producer.close(timeout=0)
+
+
+def test_ca_file_settings_reach_the_producer(tls_files):
+    for ca in (tls_files.ca, tls_files.cert):        # a CA, or the broker's own certificate
+        settings = ps.kafka_client_settings({"KAFKA_SECURITY_PROTOCOL": "SSL",
+                                             "KAFKA_SSL_CAFILE": ca})
+        assert settings.producer_settings == {"security_protocol": "SSL",
+                                              "client_id": "payment-service", "ssl_cafile": ca}
+        assert settings.description == f"SSL (CA file {ca})"
+
+
+# -- a bad combination stops the service at start-up --------------------------
+
+BAD_COMBINATIONS = [
+    # (environment, the setting the line names, words it says)
+    ({"KAFKA_SECURITY_PROTOCOL": "TLS"}, "KAFKA_SECURITY_PROTOCOL", "not one of"),
+    (sasl_env("GSSAPI", "SASL_SSL"), "KAFKA_SASL_MECHANISM", "not one of"),
+    (sasl_env("PLAIN", "PLAINTEXT"), "KAFKA_SASL_MECHANISM", "does not use SASL"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SASL_PASSWORD": SECRET_PASSWORD},
+     "KAFKA_SASL_PASSWORD", "does not use SASL"),
+    ({"KAFKA_SASL_USERNAME": "payments", "KAFKA_SASL_PASSWORD": SECRET_PASSWORD},
+     "KAFKA_SASL_USERNAME", "does not use SASL"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SASL_MECHANISM", "required"),
+    (dict(sasl_env("SCRAM-SHA-256", "SASL_SSL"), KAFKA_SASL_USERNAME=""),
+     "KAFKA_SASL_USERNAME", "required"),
+    (dict(sasl_env("SCRAM-SHA-512"), KAFKA_SASL_PASSWORD=""), "KAFKA_SASL_PASSWORD", "required"),
+    (dict(sasl_env("PLAIN"), KAFKA_SSL_CAFILE="{ca}"), "KAFKA_SSL_CAFILE", "does not use TLS"),
+    ({"KAFKA_SSL_CAFILE": "{ca}"}, "KAFKA_SSL_CAFILE", "does not use TLS"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "{folder}/missing.pem"},
+     "KAFKA_SSL_CAFILE", "no such file"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "{folder}"},
+     "KAFKA_SSL_CAFILE", "cannot be read"),
+    (dict(sasl_env("PLAIN", "SASL_SSL"), KAFKA_SSL_CAFILE="{key}"),
+     "KAFKA_SSL_CAFILE", "not a PEM certificate"),
+    ({"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": "{not_a_cert}"},
+     "KAFKA_SSL_CAFILE", "not a PEM certificate"),
+    ({"KAFKA_CLIENT_ID": "payment\nservice"}, "KAFKA_CLIENT_ID", "printable"),
+]
+
+
+@pytest.mark.parametrize("env, setting, words", BAD_COMBINATIONS,
+                         ids=[f"{s}-{w}" for _, s, w in BAD_COMBINATIONS])
+def test_bad_combination_exits_non_zero_at_once_with_one_line_naming_the_setting(
+        tls_files, env, setting, words):
+    env = {k: v.format(**vars(tls_files)) for k, v in env.items()}
+    full_env = dict(os.environ, KAFKA_BOOTSTRAP="127.0.0.1:1", PORT="0", HOST="127.0.0.1",
+                    PYTHONUNBUFFERED="1", **env)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, os.path.join(HERE, "payment_service.py")],
+                          env=full_env, capture_output=True, text=True, timeout=10)
+    elapsed = time.monotonic() - started
+    assert done.returncode != 0
+    assert elapsed < 1.0 + SLACK_S, f"took {elapsed:.2f} s"
+    assert done.stdout == ""                                     # it never started serving
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith(setting) and words in lines[0], lines[0]
+    assert_no_secret_and_no_traceback(done.stdout + done.stderr)
+
+
+# -- TLS, for real: the service process against a TLS listener ----------------
+
+def test_tls_with_the_right_ca_answers_200_and_the_record_arrives_over_tls(spawn, tansu, tls_files):
+    relay = TlsRelay(tls_files.cert, tls_files.key)
+    secured_broker(tansu, relay)
+    env = {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": tls_files.ca}
+    svc = spawn(f"127.0.0.1:{relay.port}", **env)
+    assert f"over SSL (CA file {tls_files.ca})" in svc.output
+    results = post_records(svc, 3)
+    assert [status for _, status, _ in results] == [200] * 3, svc.output
+    assert relay.handshakes >= 1 and relay.refused_handshakes == 0
+    records = read_topic(f"127.0.0.1:{relay.port}", **consumer_settings(env))
+    for order_id, _, _ in results:
+        assert record_of(order_id) in records
+    assert_no_secret_and_no_traceback(svc.output)
+
+
+def test_tls_with_a_wrong_ca_answers_503_and_publishes_nothing(spawn, tansu, tls_files):
+    relay = TlsRelay(tls_files.cert, tls_files.key)
+    secured_broker(tansu, relay)
+    svc = spawn(f"127.0.0.1:{relay.port}", KAFKA_SECURITY_PROTOCOL="SSL",
+                KAFKA_SSL_CAFILE=tls_files.other_ca)
+    results = post_records(svc, 3)
+    assert [status for _, status, _ in results] == [503] * 3
+    assert all(seconds < BOUND_S + SLACK_S for _, _, seconds in results)
+    assert relay.handshakes == 0 and relay.refused_handshakes >= 1
+    keys = {key for key, _ in read_topic(
+        f"127.0.0.1:{relay.port}", security_protocol="SSL", ssl_cafile=tls_files.ca)}
+    assert not keys & {str(order_id).encode() for order_id, _, _ in results}
+    assert_no_secret_and_no_traceback(svc.output)
+
+
+# -- SASL: logins a broker checks ---------------------------------------------
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_sasl_login_is_checked_and_the_record_arrives(spawn, tansu, mechanism):
+    gateway = SaslGateway({"payments": SECRET_PASSWORD})
+    secured_broker(tansu, gateway)
+    env = sasl_env(mechanism)
+    svc = spawn(f"127.0.0.1:{gateway.port}", **env)
+    assert f"over SASL_PLAINTEXT, {mechanism} as user 'payments'" in svc.output
+    results = post_records(svc, 2)
+    assert [status for _, status, _ in results] == [200] * 2, svc.output
+    assert (mechanism, "payments") in gateway.logins and not gateway.refused
+    records = read_topic(f"127.0.0.1:{gateway.port}", **consumer_settings(env))
+    for order_id, _, _ in results:
+        assert record_of(order_id) in records
+    assert_no_secret_and_no_traceback(svc.output)
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
+def test_sasl_wrong_password_answers_503_and_publishes_nothing(spawn, tansu, mechanism):
+    gateway = SaslGateway({"payments": "the-right-password"})
+    secured_broker(tansu, gateway)
+    svc = spawn(f"127.0.0.1:{gateway.port}", **sasl_env(mechanism))
+    results = post_records(svc, 2)
+    assert [status for _, status, _ in results] == [503] * 2
+    assert all(seconds < BOUND_S + SLACK_S for _, _, seconds in results)
+    assert (mechanism, "payments") in gateway.refused and not gateway.logins
+    keys = {key for key, _ in read_topic(f"127.0.0.1:{gateway.port}", **consumer_settings(
+        sasl_env(mechanism, password="the-right-password")))}
+    assert not keys & {str(order_id).encode() for order_id, _, _ in results}
+    assert_no_secret_and_no_traceback(svc.output)
+
+
+def test_sasl_ssl_the_managed_cluster_case_end_to_end(spawn, tansu, tls_files):
+    relay = TlsRelay(tls_files.cert, tls_files.key)
+    gateway = SaslGateway({"payments": SECRET_PASSWORD})
+    secured_broker(tansu, relay, gateway)            # TLS outside, then the SASL check
+    env = dict(sasl_env("SCRAM-SHA-512", "SASL_SSL"), KAFKA_SSL_CAFILE=tls_files.ca)
+    svc = spawn(f"127.0.0.1:{relay.port}", **env)
+    results = post_records(svc, 2)
+    assert [status for _, status, _ in results] == [200] * 2, svc.output
+    assert relay.handshakes >= 1 and ("SCRAM-SHA-512", "payments") in gateway.logins
+    records = read_topic(f"127.0.0.1:{relay.port}", **consumer_settings(env))
+    for order_id, _, _ in results:
+        assert record_of(order_id) in records
+    code, _ = svc.stop()
+    assert code == 0
+    assert_no_secret_and_no_traceback(svc.output)
