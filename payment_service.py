@@ -1157,18 +1157,27 @@ class Metrics:
                          for outcome in ("acknowledged", "refused")}
         self._broker_available = 1               # the last outcome's; 1 until one says otherwise
 
-    def count_request(self, handler, status):
-        """One answered request (send_json calls this)."""
-        seconds = time.perf_counter() - handler.started
-        method = handler.command                 # "" when the request line was not understood
-        route = handler.path.partition("?")[0] if method else UNMATCHED
-        durations = self._durations.get(route)
-        if durations is None:
-            route, durations = UNMATCHED, self._durations[UNMATCHED]
-        key = (route, method if method in METHODS else "other", status)
+    def count_request(self, handler, status, _now=time.perf_counter, _bucket=bisect.bisect_left):
+        """One answered request (send_json calls this). The fast path: a request
+        whose (path, method, status) was seen before is found as it is."""
+        seconds = _now() - handler.started
+        key = (handler.path, handler.command, status)
         with self._lock:
-            self._requests[key] = self._requests.get(key, 0) + 1
-            durations.observe(seconds)
+            count = self._requests.get(key)
+            if count is None:                    # first time, or a path/method to bound
+                key = self._bounded(*key)
+                count = self._requests.get(key, 0)
+            self._requests[key] = count + 1
+            durations = self._durations[key[0]]
+            durations.counts[_bucket(durations.bounds, seconds)] += 1
+            durations.sum += seconds
+
+    def _bounded(self, path, method, status):
+        """The (route, method, status) labels of a request: bounded sets only."""
+        route = path.partition("?")[0] if method else UNMATCHED   # "": no request line
+        if route not in self._durations:
+            route = UNMATCHED
+        return route, method if method in METHODS else "other", status
 
     def count_event(self, seconds, refusal=None):
         """One publish: acknowledged (refusal None) or refused for that reason."""
