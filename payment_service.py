@@ -1103,11 +1103,16 @@ const ui = SwaggerUIBundle({{
     return Document("text/html; charset=utf-8", page.encode())
 
 
-# -- metrics: plain counters under one lock, rendered on scrape --------------
-# The hot path (count_request) is a perf_counter(), a few dict look-ups, a
-# bisect and two increments under an uncontended lock: about a microsecond
-# against the ~70 us a request costs. The lock keeps the counts exact (a bare
-# `d[k] += 1` can lose an increment when the GIL switches threads mid-way).
+# -- metrics: plain counters, rendered on scrape ------------------------------
+# The request path (count_request) is a perf_counter(), two dict look-ups, a
+# bisect and three plain increments: about a microsecond (measured in-process;
+# +1.4 us with a lock) against the ~40 us of CPU a request costs, socket calls
+# included. It takes no lock: every dict and list operation is atomic under the
+# GIL, so the worst a race can do is lose one increment, when the interpreter
+# switches threads (every 5 ms at most) exactly between a counter's read and
+# its write, a window of a few bytecodes: negligible for a Prometheus counter,
+# and nothing breaks. The event counters (a publish costs ~300 us) and the
+# scrape's copies do take the lock, so events are counted exactly.
 
 UNMATCHED = "unmatched"         # the route label of every path not in ROUTES
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
@@ -1159,18 +1164,19 @@ class Metrics:
 
     def count_request(self, handler, status, _now=time.perf_counter, _bucket=bisect.bisect_left):
         """One answered request (send_json calls this). The fast path: a request
-        whose (path, method, status) was seen before is found as it is."""
+        whose (path, method, status) was seen before is found as it is. No lock:
+        see the note above the class."""
         seconds = _now() - handler.started
         key = (handler.path, handler.command, status)
-        with self._lock:
-            count = self._requests.get(key)
-            if count is None:                    # first time, or a path/method to bound
-                key = self._bounded(*key)
-                count = self._requests.get(key, 0)
-            self._requests[key] = count + 1
-            durations = self._durations[key[0]]
-            durations.counts[_bucket(durations.bounds, seconds)] += 1
-            durations.sum += seconds
+        requests = self._requests
+        count = requests.get(key)
+        if count is None:                        # first time, or a path/method to bound
+            key = self._bounded(*key)
+            count = requests.get(key, 0)
+        requests[key] = count + 1
+        durations = self._durations[key[0]]
+        durations.counts[_bucket(durations.bounds, seconds)] += 1
+        durations.sum += seconds
 
     def _bounded(self, path, method, status):
         """The (route, method, status) labels of a request: bounded sets only."""
