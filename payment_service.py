@@ -957,15 +957,17 @@ class Document(NamedTuple):
 
 # -- the API document: ROUTES, the handlers' api() notes and section 2's rules --
 
+INT64_RULE = ("a JSON integer (not a boolean, fraction or string); a whole number "
+              "written as 2.0 or 2e0 is that integer")
 PAYMENT_SCHEMA = {
     "type": "object",
     "description": "Unknown keys are allowed and ignored.",
     "required": ["order_id", "amount_cents", "currency"],
     "properties": {
         "order_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID,
-                     "description": "a JSON integer (not a boolean, float or string)"},
+                     "description": INT64_RULE},
         "amount_cents": {"type": "integer", "minimum": 1, "maximum": MAX_ID,
-                         "description": "a JSON integer (not a boolean, float or string)"},
+                         "description": INT64_RULE},
         # minLength/maxLength too: a Python-flavoured '$' also matches before a final newline.
         "currency": {"type": "string", "minLength": 3, "maxLength": 3, "pattern": "^[A-Za-z]{3}$",
                      "description": "three ASCII letters, any case; upper-cased in the event"},
