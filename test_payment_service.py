@@ -468,7 +468,7 @@ def test_parse_payment_range_edges_are_valid(value):
     (b'{"order_id": 1, "currency": "USD"}', "amount_cents", "field required"),
     (b'{"order_id": 1, "amount_cents": 1}', "currency", "field required"),
     (b'{"order_id": true, "amount_cents": 1, "currency": "USD"}', "order_id", "integer"),
-    (b'{"order_id": 1.0, "amount_cents": 1, "currency": "USD"}', "order_id", "integer"),
+    (b'{"order_id": 1.5, "amount_cents": 1, "currency": "USD"}', "order_id", "integer"),
     (b'{"order_id": "1", "amount_cents": 1, "currency": "USD"}', "order_id", "integer"),
     (b'{"order_id": null, "amount_cents": 1, "currency": "USD"}', "order_id", "integer"),
     (b'{"order_id": 0, "amount_cents": 1, "currency": "USD"}', "order_id", "between"),
@@ -476,8 +476,15 @@ def test_parse_payment_range_edges_are_valid(value):
     (b'{"order_id": 9223372036854775808, "amount_cents": 1, "currency": "USD"}',
      "order_id", "between"),
     (b'{"order_id": 1, "amount_cents": false, "currency": "USD"}', "amount_cents", "integer"),
-    (b'{"order_id": 1, "amount_cents": 1e3, "currency": "USD"}', "amount_cents", "integer"),
+    (b'{"order_id": 1, "amount_cents": 1e-3, "currency": "USD"}', "amount_cents", "integer"),
     (b'{"order_id": 1, "amount_cents": 0, "currency": "USD"}', "amount_cents", "between"),
+    (b'{"order_id": 1e999999999, "amount_cents": 1, "currency": "USD"}', "order_id", "between"),
+    (b'{"order_id": -1e999999999, "amount_cents": 1, "currency": "USD"}', "order_id", "between"),
+    (b'{"order_id": 9.223372036854775808e18, "amount_cents": 1, "currency": "USD"}',
+     "order_id", "between"),
+    (b'{"order_id": 1.0000000000000000000000000001, "amount_cents": 1, "currency": "USD"}',
+     "order_id", "integer"),
+    (b'{"order_id": 0.0, "amount_cents": 1, "currency": "USD"}', "order_id", "between"),
     (b'{"order_id": 1, "amount_cents": -' + b"9" * 5000 + b', "currency": "USD"}',
      "amount_cents", "between"),
     (b'{"order_id": 1, "amount_cents": ' + b"9" * 5000 + b', "currency": "USD"}',
@@ -528,7 +535,7 @@ def test_format_routes_prints_every_route_from_the_table():
     lines = ps.format_routes(ps.ROUTES).splitlines()
     expected = [(m, p, h.__name__) for p, ms in ps.ROUTES.items() for m, h in ms.items()]
     assert [tuple(line.split()) for line in lines] == expected
-    assert len(expected) == 8
+    assert len(expected) == 14
 
 
 def test_config_defaults_and_errors():
@@ -1432,10 +1439,21 @@ def contract_payment(body):
     def no_constants(name):
         raise ValueError(name)
 
+    def whole_number(literal):                          # 2.0 and 2e0 are the integer 2
+        from decimal import Decimal, InvalidOperation
+        try:
+            value = Decimal(literal)
+            if value == value.to_integral_value() and abs(value) < 2**64:
+                return int(value)
+        except InvalidOperation:
+            pass
+        return float(literal)
+
     try:
         obj = json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates,
                          parse_constant=no_constants,   # a huge integer is valid JSON:
-                         parse_int=lambda s: int(s) if len(s) < 100 else 2**64)  # out of range
+                         parse_int=lambda s: int(s) if len(s) < 100 else 2**64,  # out of range
+                         parse_float=whole_number)
     except (ValueError, RecursionError):
         return None
     if not isinstance(obj, dict):
@@ -2068,3 +2086,396 @@ def test_sasl_ssl_the_managed_cluster_case_end_to_end(spawn, tansu, tls_files):
     code, _ = svc.stop()
     assert code == 0
     assert_no_secret_and_no_traceback(svc.output)
+
+
+# ---------------------------------------------------------------------------
+# API docs, metrics and the event log (issue 11)
+# ---------------------------------------------------------------------------
+# Checked with clients written elsewhere: openapi-spec-validator and
+# jsonschema for the document, Schemathesis against the live service,
+# prometheus_client's parser for /metrics, Chromium (over the DevTools
+# protocol) for /docs, and kafka-python reading back the logged offsets.
+
+import math
+import shutil
+import urllib.request
+
+import jsonschema
+from openapi_spec_validator import validate as validate_openapi
+from prometheus_client.parser import text_string_to_metric_families
+
+IN_CI = os.environ.get("CI") == "true"
+SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
+    HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
+
+
+def fetch(base, method, path, body=None, headers=None):
+    """One request; (status, lower-case headers, body), whatever the content type."""
+    conn = http.client.HTTPConnection(*base, timeout=30)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
+    finally:
+        conn.close()
+
+
+def operations(document):
+    return {(path, method.upper()): op
+            for path, ops in document["paths"].items() for method, op in ops.items()}
+
+
+def test_api_document_is_valid_openapi_3_1_of_every_route():
+    document = ps.build_api_document(ps.ROUTES)
+    validate_openapi(document)
+    assert document["openapi"].startswith("3.1") and document["info"]["version"] == ps.__version__
+    ops = operations(document)
+    assert set(ops) == {(p, m) for p, ms in ps.ROUTES.items() for m in ms}
+    for (path, method), op in ops.items():
+        handler = ps.ROUTES[path][method]
+        assert op["summary"] == handler.__doc__.partition("\n")[0]
+        statuses = set(op["responses"])
+        assert {"200", "400", "404", "405", "414", "431", "500", "505"} <= statuses
+        assert op["responses"]["405"]["headers"]["Allow"]["required"] is True
+        if method == "POST":
+            assert {"408", "411", "413", "415", "422"} <= statuses
+            assert op["requestBody"]["required"] is True
+        else:
+            assert "requestBody" not in op and "422" not in statuses
+        assert ("503" in statuses) == (handler is ps.mock_succeed)
+        if method == "HEAD":                               # headers only, no body
+            assert all("content" not in r for r in op["responses"].values())
+        else:
+            assert op["responses"]["400"]["content"]["application/json"]["schema"] == \
+                {"$ref": "#/components/schemas/Error"}
+    media = {path: ops[(path, "GET")]["responses"]["200"]["content"]
+             for path in ("/openapi.json", "/docs", "/metrics")}
+    assert list(media["/docs"]) == ["text/html"] and list(media["/metrics"]) == [ps.PROMETHEUS_TEXT]
+    payment = document["components"]["schemas"]["Payment"]
+    assert payment["properties"]["order_id"]["maximum"] == ps.MAX_ID
+    assert str(ps.MAX_BODY_BYTES) in ops[(CREATE, "POST")]["responses"]["413"]["description"]
+
+
+WHAT_THE_SCHEMA_MUST_AGREE_ON = [
+    {"order_id": 1, "amount_cents": 2**63 - 1, "currency": "usd"},
+    {"order_id": 123, "amount_cents": 25998, "currency": "EuR", "extra": [1, {"a": None}]},
+    {"order_id": 2.0, "amount_cents": 1e3, "currency": "USD"},       # whole numbers
+    {"order_id": 0, "amount_cents": 1, "currency": "USD"},
+    {"order_id": 2**63, "amount_cents": 1, "currency": "USD"},
+    {"order_id": 1.5, "amount_cents": 1, "currency": "USD"},
+    {"order_id": True, "amount_cents": 1, "currency": "USD"},
+    {"order_id": "1", "amount_cents": 1, "currency": "USD"},
+    {"order_id": 1, "amount_cents": None, "currency": "USD"},
+    {"order_id": 1, "currency": "USD"},
+    {"order_id": 1, "amount_cents": 1, "currency": "US"},
+    {"order_id": 1, "amount_cents": 1, "currency": "USD\n"},
+    {"order_id": 1, "amount_cents": 1, "currency": "US\n"},
+    {"order_id": 1, "amount_cents": 1, "currency": "\u00dcSD"},
+    {"order_id": 1, "amount_cents": 1, "currency": "U5D"},
+    {"order_id": 1, "amount_cents": 1, "currency": 840},
+]
+
+
+@pytest.mark.parametrize("body", WHAT_THE_SCHEMA_MUST_AGREE_ON)
+def test_request_schema_accepts_exactly_what_the_validation_accepts(body):
+    schema = ps.build_api_document(ps.ROUTES)["components"]["schemas"]["Payment"]
+    schema_says = jsonschema.Draft202012Validator(schema).is_valid(body)
+    try:
+        ps.parse_payment(json.dumps(body).encode())
+        service_says = True
+    except ps.HTTPError as err:
+        assert err.status == 422
+        service_says = False
+    assert schema_says == service_says
+
+
+def test_whole_numbers_spelled_with_a_fraction_or_exponent_are_those_integers():
+    body = b'{"order_id": 9223372036854775807.0, "amount_cents": 2.5e1, "currency": "usd"}'
+    assert ps.parse_payment(body) == ps.Payment(2**63 - 1, 25, "USD")     # exact, no float
+    for literal in [b"9223372036854775808.0", b"1e19", b"1e999999999999999999999", b"0.0", b"-1e0"]:
+        with pytest.raises(ps.HTTPError) as err:
+            ps.parse_payment(b'{"order_id": ' + literal + b', "amount_cents": 1, "currency": "USD"}')
+        assert err.value.status == 422
+
+
+def test_openapi_json_and_docs_are_served_with_head(base):
+    status, headers, body = fetch(base, "GET", "/openapi.json")
+    assert status == 200 and headers["content-type"] == "application/json"
+    assert json.loads(body) == ps.build_api_document(ps.ROUTES)
+    status, headers, page = fetch(base, "GET", "/docs")
+    assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+    assert b"https://cdn.jsdelivr.net/npm/swagger-ui-dist@5/swagger-ui-bundle.js" in page
+    assert b'url: "/openapi.json"' in page
+    for path, length in [("/openapi.json", len(body)), ("/docs", len(page))]:
+        status, headers, empty = fetch(base, "HEAD", path)
+        assert (status, int(headers["content-length"]), empty) == (200, length, b"")
+
+
+def test_schemathesis_finds_nothing_against_the_live_service(spawn, broker, tmp_path):
+    """Schemathesis' generated requests, every check, the service as users run it."""
+    svc = spawn(broker, ACCESS_LOG=0, EVENT_LOG=0)
+    url = f"http://127.0.0.1:{svc.port}"
+    st_cli = os.path.join(os.path.dirname(sys.executable), "st")
+    run = subprocess.run(
+        [st_cli, "run", f"{url}/openapi.json", "--checks", "all", "--max-examples", "300",
+         "--request-timeout", "30", "--no-color", "--report", "junit",
+         "--report-junit-path", str(tmp_path / "junit.xml")],
+        capture_output=True, text=True, timeout=480, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-20000:] + run.stderr[-5000:]
+    generated = int(re.search(r"(\d+) generated", run.stdout).group(1))
+    assert generated >= 500, run.stdout[-3000:]
+    # The service's own count agrees that it answered them all, none with a 500.
+    samples = metric_samples(fetch(svc.base, "GET", "/metrics")[2])
+    answered = {labels: value for (name, labels), value in samples.items()
+                if name == "payment_http_requests_total"}
+    assert sum(answered.values()) >= generated
+    assert not [labels for labels in answered if ("status", "500") in labels]
+    assert svc.stop()[0] == 0 and "Traceback" not in svc.output
+
+
+def metric_samples(text):
+    """{(sample name, sorted label pairs): value} through prometheus_client's parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def test_metrics_count_the_requests_events_and_the_503(spawn, tansu):
+    broker = tansu()
+    svc = spawn(broker.bootstrap)
+    for _ in range(3):
+        assert fetch(svc.base, "GET", "/health")[0] == 200
+    assert fetch(svc.base, "HEAD", "/health")[0] == 200
+    assert post(svc.base, CREATE, payment_body(1)).status == 200
+    assert post(svc.base, CREATE, payment_body(0)).status == 422
+    assert fetch(svc.base, "GET", "/no/such/path/" + uuid.uuid4().hex)[0] == 404
+    assert fetch(svc.base, "GET", "/another/" + uuid.uuid4().hex)[0] == 404
+    assert fetch(svc.base, "BREW", "/health")[0] == 405
+    for _ in range(2):
+        assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200
+    broker.kill()
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 503
+    status, headers, body = fetch(svc.base, "GET", "/metrics")
+    assert status == 200 and headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    samples = metric_samples(body)
+
+    def value(name, **labels):
+        return samples[(name, tuple(sorted(labels.items())))]
+
+    requests = "payment_http_requests_total"
+    assert value(requests, route="/health", method="GET", status="200") == 3
+    assert value(requests, route="/health", method="HEAD", status="200") == 1
+    assert value(requests, route=CREATE, method="POST", status="200") == 1
+    assert value(requests, route=CREATE, method="POST", status="422") == 1
+    assert value(requests, route="unmatched", method="GET", status="404") == 2   # bounded labels
+    assert value(requests, route="/health", method="other", status="405") == 1
+    assert value(requests, route=SUCCEED, method="POST", status="200") == 2
+    assert value(requests, route=SUCCEED, method="POST", status="503") == 1
+    assert sum(v for (name, _), v in samples.items() if name == requests) == 12  # not /metrics itself
+    duration = "payment_http_request_duration_seconds"
+    assert value(duration + "_count", route="/health") == 5          # GET, HEAD and BREW
+    buckets = sorted((float(dict(labels)["le"]), v) for (name, labels), v in samples.items()
+                     if name == duration + "_bucket" and ("route", "/health") in labels)
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets) and buckets[-1] == (math.inf, 5)
+    assert value("payment_events_acknowledged_total") == 2
+    refused = {dict(labels)["reason"]: v for (name, labels), v in samples.items()
+               if name == "payment_events_refused_total"}
+    assert sum(refused.values()) == 1 and refused["timeout"] + refused["unreachable"] == 1
+    assert value("payment_publish_duration_seconds_count", outcome="acknowledged") == 2
+    assert value("payment_publish_duration_seconds_count", outcome="refused") == 1
+    assert value("payment_publish_duration_seconds_sum", outcome="refused") >= BOUND_S - 0.5
+    assert value("payment_kafka_broker_available") == 0
+    assert value("payment_events_pending") in (0, 1)        # the 503's record may still be in flight
+    assert value("payment_http_connections_open") >= 1      # this scrape's
+    assert value("payment_build_info", version=ps.__version__) == 1
+    assert svc.stop()[0] == 0
+
+
+def read_records(bootstrap, timeout_s=15.0):
+    """Every record on the topic as {key: (partition, offset, value)}, like read_topic."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             request_timeout_ms=10000)
+    try:
+        tps = [TopicPartition(ps.TOPIC, p) for p in sorted(consumer.partitions_for_topic(ps.TOPIC))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records = {}
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, "the topic could not be read to its end"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.update((r.key, (r.partition, r.offset, r.value)) for r in batch)
+        return records
+    finally:
+        consumer.close()
+
+
+EVENT_LINE = re.compile(r"^\[[^\]]+\] event acknowledged: payment\.succeeded order_id=(\d+) "
+                        r"amount_cents=(\d+) currency=([A-Z]{3}) topic=(\S+) partition=(\d+) "
+                        r"offset=(\d+)$", re.M)
+
+
+@pytest.mark.parametrize("access_log", ["1", "0"])
+def test_event_log_shows_each_acknowledged_event_at_its_place_in_kafka(spawn, broker, access_log):
+    svc = spawn(broker, ACCESS_LOG=access_log)
+    for path in ("/openapi.json", "/docs", "/metrics"):                 # the startup table
+        assert re.search(rf"^\s+GET\s+{re.escape(path)}\s+\w+$", svc.output, re.M)
+        assert re.search(rf"^\s+HEAD\s+{re.escape(path)}\s+\w+$", svc.output, re.M)
+    sent = {unique_order_id(): (amount, currency)
+            for amount, currency in [(25998, "usd"), (1, "EUR"), (2**63 - 1, "gbp")]}
+    for order_id, (amount, currency) in sent.items():
+        assert post(svc.base, SUCCEED, payment_body(order_id, amount, currency)).status == 200
+    assert post(svc.base, SUCCEED, payment_body(0)).status == 422       # not an event: no line
+    assert svc.stop()[0] == 0
+    logged = {int(m[0]): m[1:] for m in EVENT_LINE.findall(svc.output)}
+    assert set(logged) == set(sent), svc.output
+    records = read_records(broker)
+    for order_id, (amount, currency) in sent.items():
+        partition, offset, value = records[str(order_id).encode()]
+        assert json.loads(value)["amount_cents"] == amount
+        assert logged[order_id] == (str(amount), currency.upper(), ps.TOPIC,
+                                    str(partition), str(offset))
+
+
+def test_event_log_off(spawn, broker):
+    svc = spawn(broker, EVENT_LOG=0)
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200
+    assert svc.stop()[0] == 0
+    assert "event acknowledged" not in svc.output
+    assert re.search(rf'"POST {SUCCEED} HTTP/1.1" 200 16', svc.output)      # the access log stays
+
+
+# -- /docs in a real browser: Chromium driven over the DevTools protocol -------
+
+class Chromium:
+    """Headless Chromium with one page, driven through the DevTools protocol."""
+
+    def __init__(self, user_data_dir):
+        import websocket
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={user_data_dir}", f"--remote-debugging-port={port}",
+             "--remote-allow-origins=*", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        targets = []
+
+        def page_target():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    targets[:] = [t for t in json.load(r) if t["type"] == "page"]
+            except OSError:
+                return False
+            return bool(targets)
+
+        wait_until(page_target, 30, "Chromium's DevTools endpoint")
+        self.ws = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=30,
+                                              suppress_origin=True)
+        self._id = 0
+
+    def call(self, method, **params):
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:                                  # skip events until our answer
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self._id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression, what, timeout_s=30):
+        wait_until(lambda: self.evaluate(expression), timeout_s, what)
+        return self.evaluate(expression)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+class StaticFiles:
+    """A folder served on a loopback port (here: Swagger UI's dist files)."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+
+        files = self
+        self.requested = []
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                files.requested.append(self.path)
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def browser_or_skip():
+    missing = [what for what, present in [
+        ("chromium", shutil.which("chromium")),
+        (f"swagger-ui-dist at {SWAGGER_UI_DIST}",
+         os.path.exists(os.path.join(SWAGGER_UI_DIST, "swagger-ui-bundle.js")))] if not present]
+    if missing:
+        message = "not installed: " + ", ".join(missing) + " (.ci/run installs them)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_docs_page_in_a_browser_lists_the_operations_and_tries_create_intent(
+        spawn, broker, tmp_path):
+    browser_or_skip()
+    assets = StaticFiles(SWAGGER_UI_DIST)
+    svc = spawn(broker, SWAGGER_UI_URL=assets.url + "/")
+    browser = Chromium(tmp_path / "chromium-profile")
+    try:
+        browser.call("Page.enable")
+        browser.call("Page.navigate", url=f"http://127.0.0.1:{svc.port}/docs")
+        count = browser.wait_for("document.querySelectorAll('.opblock').length >= 14 && "
+                                 "document.querySelectorAll('.opblock').length",
+                                 "Swagger UI showing the operations")
+        assert count == sum(len(methods) for methods in ps.ROUTES.values())
+        text = browser.evaluate("document.body.innerText")
+        for path in ps.ROUTES:
+            assert path in text
+        assert ps.create_intent.__doc__ in text and ps.__version__ in text
+        block = (f"[...document.querySelectorAll('.opblock-post')].find(b => "
+                 f"b.querySelector('.opblock-summary-path').innerText.trim() === {json.dumps(CREATE)})")
+        browser.evaluate(f"{block}.querySelector('.opblock-summary-control').click(); true")
+        browser.wait_for(f"!!{block}.querySelector('.try-out__btn')", "the Try it out button")
+        browser.evaluate(f"{block}.querySelector('.try-out__btn').click(); true")
+        body = browser.wait_for(f"({block}.querySelector('textarea.body-param__text') || {{}}).value",
+                                "the request body editor, filled with the example")
+        assert json.loads(body) == ps.PAYMENT_EXAMPLE
+        browser.wait_for(f"!!{block}.querySelector('.btn.execute')", "the Execute button")
+        browser.evaluate(f"{block}.querySelector('.btn.execute').click(); true")
+        shown = browser.wait_for(
+            f"({block}.querySelector('.live-responses-table') || {{}}).innerText",
+            "the response shown")
+        order_id = ps.PAYMENT_EXAMPLE["order_id"]
+        assert re.search(r"^200\b", shown, re.M) and f"pay_{order_id}" in shown, shown
+    finally:
+        browser.close()
+        assets.close()
+    assert "/swagger-ui-bundle.js" in assets.requested and "/swagger-ui.css" in assets.requested
+    assert svc.stop()[0] == 0
+    assert f'"POST {CREATE} HTTP/1.1" 200' in svc.output
