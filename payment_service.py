@@ -239,15 +239,20 @@ class EventPublisher:
     The three steps run as a GROUP COMMIT. A request thread queues its record
     and waits for its outcome; one publisher thread takes every record waiting
     at that moment, sends them all, flushes once, then settles each request
-    from its own record's future (_commit_group). Measured (issue 10, 32
-    connections, see the profile in the commit message): with every request
-    thread doing send/flush/get itself, 32 threads woke kafka-python's sender
-    and waited in flush() at once, and the sender thread, which turns the
-    broker's answers into acknowledgements, had to win the GIL from them; the
-    produce requests carried ~12 records. Handing the records to one thread
-    raised mock-succeed from ~0.5-0.67 to ~0.8-0.9 of the kafka-python
-    ceiling (the same pattern with no HTTP at all). Each record still gets its
-    own outcome: one failing record is a 503 for its request only.
+    from its own record's future (_send_group, _flush_and_settle, _settle).
+    Each record keeps its own outcome: one failing record is a 503 for its
+    request only, and a request whose deadline passed is not sent at all.
+
+    Why (issue 10, measured with 32 keep-alive connections): when each of the
+    32 request threads did send/flush/get itself, they spent 79 % of their
+    time in flush(), each flush woke kafka-python's sender thread, and a
+    produce request carried 11.8 records; the service reached 0.42-0.55 of
+    the kafka-python ceiling (compare.py: the same pattern, no HTTP). With
+    the group commit (one flush per group, pending slots freed once per group
+    rather than by a callback per record on the sender thread, and linger_ms
+    so a group leaves in one produce request: 15.2 records instead of 9.0)
+    it reaches ~0.8. Two publisher threads (one sending while the other
+    flushes) made groups of 4-6 records and were no faster.
     """
 
     def __init__(self, timeout_s, max_pending):
@@ -277,7 +282,7 @@ class EventPublisher:
         self._take_pending_slot()                            # 503 at once past the bound
         # 1. send(), 2. flush(), 3. this record's own acknowledgement: the
         #    publisher thread does them for this record and all others
-        #    waiting with it (_commit_group), and settles this one.
+        #    waiting with it (_send_group, _flush_and_settle), and settles this one.
         publication = _Publication(key, value, deadline)
         self._waiting.put(publication)
         if not publication.wait():                           # the deadline passed
@@ -382,8 +387,11 @@ class EventPublisher:
 
     def _settle(self, publication, outcome):
         """The one place where a record's outcome is known: its RecordMetadata
-        (topic, partition, offset) or the exception. It answers the waiting
-        request (if still waiting) and notes the broker's state."""
+        (topic, partition, offset) or the exception, for every record,
+        including those refused at send() and those expired before it. It
+        answers the waiting request (if still waiting) and notes the broker's
+        state; counters, a latency histogram (the request started at
+        publication.deadline - timeout_s) and an event log line belong here."""
         failed = isinstance(outcome, Exception)
         self._note_broker_state(ok=not failed, reason=outcome if failed else None)
         publication.settle(outcome)
