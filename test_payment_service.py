@@ -2479,3 +2479,181 @@ def test_docs_page_in_a_browser_lists_the_operations_and_tries_create_intent(
     assert "/swagger-ui-bundle.js" in assets.requested and "/swagger-ui.css" in assets.requested
     assert svc.stop()[0] == 0
     assert f'"POST {CREATE} HTTP/1.1" 200' in svc.output
+
+
+# ---------------------------------------------------------------------------
+# Group commit publisher (issue 10)
+# ---------------------------------------------------------------------------
+# One publisher thread sends every waiting record, flushes once and settles
+# each request from its own record's future. These tests use fake producers
+# (send/flush/close) to check that the group never blurs the per-record
+# guarantees: own outcome, pending bound, bounded waits, close delivers.
+
+class GroupAckingProducer:
+    """A producer stand-in that acknowledges on flush(), except the records
+    whose key is in failures (key -> the exception its future fails with)."""
+
+    def __init__(self, failures=None, flush_s=0.0, send_s=0.0):
+        import kafka.future
+
+        self._future = kafka.future.Future
+        self.failures = failures or {}
+        self.flush_s = flush_s
+        self.send_s = send_s
+        self.sent = []
+        self.groups = []           # the keys each flush() pushed out
+        self.closed = False
+        self._unflushed = []
+
+    def send(self, topic, key, value):
+        time.sleep(self.send_s)
+        future = self._future()
+        self.sent.append(key)
+        self._unflushed.append((key, future))
+        return future
+
+    def flush(self, timeout=None):
+        time.sleep(self.flush_s)
+        group, self._unflushed = self._unflushed, []
+        self.groups.append([key for key, _ in group])
+        for offset, (key, future) in enumerate(group):
+            if key in self.failures:
+                future.failure(self.failures[key])
+            else:
+                future.success((ps.TOPIC, 0, offset))
+
+    def close(self, timeout=None):
+        self.flush(timeout)
+        self.closed = True
+
+
+def publish_concurrently(publisher, order_ids):
+    """publish() from one thread per order id: {order_id: None or the 503 detail}."""
+    outcomes = {}
+
+    def one(order_id):
+        try:
+            publisher.publish(ps.Payment(order_id, 1, "USD"))
+            outcomes[order_id] = None
+        except ps.BrokerUnavailable as exc:
+            outcomes[order_id] = exc.detail
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in order_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+def test_group_commit_gives_each_request_its_own_records_outcome():
+    from kafka.errors import NotLeaderForPartitionError
+
+    producer = GroupAckingProducer(failures={b"7": NotLeaderForPartitionError()}, flush_s=0.02)
+    publisher = ps.EventPublisher(timeout_s=5, max_pending=100)
+    publisher.start(producer)
+    outcomes = publish_concurrently(publisher, range(1, 41))
+    assert sorted(outcomes) == list(range(1, 41))
+    assert outcomes.pop(7) == "the Kafka broker refused the event: NotLeaderForPartitionError"
+    assert all(detail is None for detail in outcomes.values()), outcomes   # 200 for the rest
+    assert sorted(producer.sent) == sorted(str(i).encode() for i in range(1, 41))
+    assert len(producer.groups) < 40                    # records shared a flush
+    assert publisher.pending == 0
+    publisher.close(2)
+    assert producer.closed
+
+
+def test_group_commit_a_failed_send_is_a_503_for_that_record_only():
+    from kafka.errors import KafkaTimeoutError
+
+    class FailingSend(GroupAckingProducer):
+        def send(self, topic, key, value):
+            if key == b"3":
+                raise KafkaTimeoutError("no metadata")
+            return super().send(topic, key, value)
+
+    publisher = ps.EventPublisher(timeout_s=5, max_pending=100)
+    publisher.start(FailingSend(flush_s=0.01))
+    outcomes = publish_concurrently(publisher, range(1, 11))
+    assert "did not acknowledge the event within 5 s" in outcomes.pop(3)
+    assert all(detail is None for detail in outcomes.values()), outcomes
+    assert publisher.pending == 0
+    publisher.close(2)
+
+
+def test_group_commit_refuses_at_once_past_the_pending_bound():
+    release = threading.Event()
+
+    class StuckFlush(GroupAckingProducer):
+        def flush(self, timeout=None):
+            release.wait(timeout)
+            super().flush(timeout)
+
+    publisher = ps.EventPublisher(timeout_s=5, max_pending=4)
+    publisher.start(StuckFlush())
+    waiting = threading.Thread(target=publish_concurrently, args=(publisher, range(1, 5)))
+    waiting.start()
+    wait_until(lambda: publisher.pending == 4, 5, "4 events pending")
+    started = time.monotonic()
+    with pytest.raises(ps.BrokerUnavailable, match="already waiting"):
+        publisher.publish(ps.Payment(99, 1, "USD"))
+    assert time.monotonic() - started < 0.05
+    release.set()
+    waiting.join(10)
+    assert publisher.pending == 0
+    assert b"99" not in publisher._producer.sent
+    publisher.close(2)
+
+
+def test_group_commit_waits_stay_within_the_bound_and_expired_records_are_not_sent():
+    # send() blocks like a producer waiting for topic metadata, longer than the bound
+    producer = GroupAckingProducer(send_s=0.6)
+    publisher = ps.EventPublisher(timeout_s=0.3, max_pending=100)
+    publisher.start(producer)
+    started = time.monotonic()
+    outcomes = publish_concurrently(publisher, range(1, 9))
+    assert time.monotonic() - started < 0.3 + SLACK_S
+    assert all("did not acknowledge the event within 0.3 s" in detail
+               for detail in outcomes.values()), outcomes
+    wait_until(lambda: publisher.pending == 0, 5, "every slot freed")
+    assert len(producer.sent) < 8            # those whose request had its 503 were not sent
+    publisher.close(2)
+
+
+def test_group_commit_records_not_acked_keep_their_pending_slots():
+    producer = NeverAckedProducer()
+    publisher = ps.EventPublisher(timeout_s=0.2, max_pending=10)
+    publisher.start(producer)
+    outcomes = publish_concurrently(publisher, range(1, 6))
+    assert all("acknowledge" in detail for detail in outcomes.values()), outcomes
+    assert publisher.pending == 5                         # still in the producer
+
+
+def test_close_delivers_what_is_waiting_then_closes_within_its_timeout():
+    producer = GroupAckingProducer(flush_s=0.1)
+    publisher = ps.EventPublisher(timeout_s=5, max_pending=100)
+    publisher.start(producer)
+    results = {}
+    clients = threading.Thread(
+        target=lambda: results.update(publish_concurrently(publisher, range(1, 21))))
+    clients.start()
+    wait_until(lambda: publisher.pending >= 20 or len(results) == 20, 5, "events in flight")
+    started = time.monotonic()
+    publisher.close(2)
+    assert time.monotonic() - started < 2 + 0.5
+    clients.join(10)
+    assert results == {order_id: None for order_id in range(1, 21)}
+    assert producer.closed and publisher.pending == 0
+    with pytest.raises(ps.BrokerUnavailable, match="closed"):
+        publisher.publish(ps.Payment(21, 1, "USD"))
+
+
+def test_group_commit_against_the_real_broker_acknowledges_each_record(broker):
+    publisher = real_publisher(broker)
+    base_id = unique_order_id()
+    outcomes = publish_concurrently(publisher, range(base_id, base_id + 64))
+    assert outcomes == {order_id: None for order_id in range(base_id, base_id + 64)}
+    assert publisher.pending == 0
+    publisher.close(2)
+    keys = set(keys_on_topic(broker))
+    assert {str(order_id).encode() for order_id in range(base_id, base_id + 64)} <= keys
