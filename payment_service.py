@@ -66,39 +66,16 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # returns the JSON object of a 200 answer, or raises HTTPError (section 2) for
 # any other status.
 
-def api(answer=None, media_type="application/json", payment_body=False, publishes=False):
-    """Describe a handler for the API document (/openapi.json, section 6), which
-    is built from ROUTES and these notes, so it cannot drift from the code:
-    answer, the JSON schema of its 200 body (or media_type for a non-JSON one);
-    payment_body, it reads a Payment (400/422 and the body's 408/411/413/415);
-    publishes, it waits for Kafka (503). The docstring is the summary."""
-    def describe(handler):
-        handler.api = {"answer": answer, "media_type": media_type,
-                       "payment_body": payment_body, "publishes": publishes}
-        return handler
-    return describe
-
-
-STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
-
-
-@api(answer=STATUS_OK)
 def health(server, body):
     """Liveness: answers while the process serves, broker or not."""
     return {"status": "ok"}
 
 
-@api(answer={"type": "object", "required": ["service", "version"],
-             "properties": {"service": {"const": "payment"}, "version": {"const": __version__}}})
 def service_info(server, body):
     """The service's name and version."""
     return {"service": "payment", "version": __version__}
 
 
-@api(answer={"type": "object", "required": ["payment_id", "client_secret"],
-             "properties": {"payment_id": {"type": "string", "pattern": "^pay_[0-9]+$"},
-                            "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}},
-     payment_body=True)
 def create_intent(server, body):
     """Create a fake payment intent for an order (touches no broker)."""
     payment = parse_payment(body)                       # 400 / 422
@@ -106,7 +83,6 @@ def create_intent(server, body):
             "client_secret": f"secret_{payment.order_id}"}
 
 
-@api(answer=STATUS_OK, payment_body=True, publishes=True)
 def mock_succeed(server, body):
     """Publish payment.succeeded to Kafka; 200 once the broker acknowledged it."""
     payment = parse_payment(body)                       # 400 / 422
@@ -114,21 +90,18 @@ def mock_succeed(server, body):
     return {"status": "ok"}
 
 
-# The service describing and measuring itself (built in section 6).
+# The service describing and measuring itself (section 6 builds the answers).
 
-@api(answer={"type": "object", "required": ["openapi", "info", "paths"]})
 def openapi_document(server, body):
     """This API as an OpenAPI 3.1 document, built from ROUTES."""
     return api_document_answer()
 
 
-@api(media_type="text/html")
 def swagger_ui(server, body):
     """Swagger UI for /openapi.json: try the API from a browser."""
     return swagger_ui_answer(server)
 
 
-@api(media_type=PROMETHEUS_TEXT)
 def metrics(server, body):
     """Prometheus metrics: requests, durations, events, broker, connections."""
     return server.metrics.answer(server)
@@ -1269,8 +1242,8 @@ class TimestampCache:
 # 6. The service describing and measuring itself (issue 11): the API
 #    document, Swagger UI, Prometheus metrics and the event log
 # ===========================================================================
-# Hooks elsewhere, one or two lines each: the handlers in section 1 (and the
-# api() notes ROUTES' handlers carry), mock_succeed() calling publish_observed(),
+# Hooks elsewhere, one or two lines each: the handlers in section 1 (described
+# here in API_NOTES), mock_succeed() calling publish_observed(),
 # publish() returning the record's metadata, send_json() sending a Document as
 # is and counting the request, handle_one_request() noting the start time,
 # PaymentHTTPServer.__init__ and main() (configure_observability).
@@ -1287,7 +1260,37 @@ class Document(NamedTuple):
     body: bytes
 
 
-# -- the API document: ROUTES, the handlers' api() notes and section 2's rules --
+# -- the API document: ROUTES, API_NOTES and section 2's rules ----------------
+
+STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
+
+# What the document says of each handler beyond its docstring (the summary):
+# answer, the JSON schema of its 200 body (or media_type for a non-JSON one);
+# payment_body, it reads a Payment (400/422 and the body's 408/411/413/415);
+# publishes, it waits for Kafka (503). A handler in ROUTES without notes here
+# stops build_api_document() (and a test), so the two cannot drift apart.
+API_NOTES = {
+    health: {"answer": STATUS_OK},
+    service_info: {"answer": {
+        "type": "object", "required": ["service", "version"],
+        "properties": {"service": {"const": "payment"}, "version": {"const": __version__}}}},
+    create_intent: {"payment_body": True, "answer": {
+        "type": "object", "required": ["payment_id", "client_secret"],
+        "properties": {"payment_id": {"type": "string", "pattern": "^pay_[0-9]+$"},
+                       "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}}},
+    mock_succeed: {"answer": STATUS_OK, "payment_body": True, "publishes": True},
+    openapi_document: {"answer": {"type": "object", "required": ["openapi", "info", "paths"]}},
+    swagger_ui: {"media_type": "text/html"},
+    metrics: {"media_type": PROMETHEUS_TEXT},
+}
+
+
+def api_notes(handler):
+    """API_NOTES[handler] with the defaults filled in."""
+    return {"answer": None, "media_type": "application/json", "payment_body": False,
+            "publishes": False, **API_NOTES[handler]}
+
+
 
 INT64_RULE = ("a JSON integer (not a boolean, fraction or string); a whole number "
               "written as 2.0 or 2e0 is that integer")
@@ -1332,11 +1335,11 @@ def error_statuses(method, handler):
             413: f"a body larger than {MAX_BODY_BYTES} bytes",
             415: "a Content-Type other than application/json (parameters allowed)",
         })
-    if handler.api["payment_body"]:
+    if api_notes(handler)["payment_body"]:
         errors[400] += ("; the body is not a UTF-8 JSON object (or is nested too deeply, "
                         "holds NaN or Infinity, or a duplicate key)")
         errors[422] = "a field is missing, of the wrong type or out of range"
-    if handler.api["publishes"]:
+    if api_notes(handler)["publishes"]:
         errors[503] = ("Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
                        "MAX_PENDING_EVENTS events are already waiting for it")
     return dict(sorted(errors.items()))
@@ -1358,7 +1361,7 @@ def describe_operation(path, method, handler):
             response["content"] = {media_type: {"schema": schema}}
         return response
 
-    api = handler.api
+    api = api_notes(handler)
     summary, _, _ = (handler.__doc__ or handler.__name__).partition("\n")
     ok_media = api["media_type"]
     ok_schema = api["answer"] if ok_media == "application/json" else {"type": "string"}

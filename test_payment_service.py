@@ -2198,6 +2198,15 @@ def test_whole_numbers_spelled_with_a_fraction_or_exponent_are_those_integers():
         assert err.value.status == 422
 
 
+def test_every_route_has_api_notes_and_nothing_else_has():
+    handlers = {h for methods in ps.ROUTES.values() for h in methods.values()}
+    assert handlers == set(ps.API_NOTES)
+    notes = {h.__name__: ps.api_notes(h) for h in handlers}
+    assert [name for name, n in notes.items() if n["publishes"]] == ["mock_succeed"]
+    assert sorted(name for name, n in notes.items() if n["payment_body"]) == [
+        "create_intent", "mock_succeed"]
+
+
 def test_openapi_json_and_docs_are_served_with_head(base):
     status, headers, body = fetch(base, "GET", "/openapi.json")
     assert status == 200 and headers["content-type"] == "application/json"
