@@ -32,6 +32,7 @@ import http.server
 import importlib.util
 import io
 import ipaddress
+import itertools
 import json
 import logging
 import os
@@ -559,12 +560,21 @@ def main():
     failed = []
 
     def start_publisher():          # off the main thread: importing kafka-python takes a while
-        try:
-            warn_if_unresolvable(config.kafka_bootstrap)
-            publisher.start(make_producer(config.kafka_bootstrap, config.kafka_timeout_s))
-        except Exception as exc:    # an absent broker is not one of these
-            failed.append(f"the Kafka producer could not be created: {type(exc).__name__}: {exc}")
-            stop_requested.set()
+        warn_if_unresolvable(config.kafka_bootstrap)
+        for attempt in itertools.count():
+            try:
+                return publisher.start(make_producer(config.kafka_bootstrap,
+                                                     config.kafka_timeout_s))
+            except RuntimeError as exc:     # its thread cannot start (a pids limit): retry
+                if attempt == 0:
+                    log.warning("the Kafka producer cannot start its thread (%s); "
+                                "retrying every second", exc)
+                if stop_requested.wait(1.0):
+                    return
+            except Exception as exc:        # an absent broker is not one of these
+                failed.append(f"the Kafka producer could not be created: "
+                              f"{type(exc).__name__}: {exc}")
+                return stop_requested.set()
 
     threading.Thread(target=start_publisher, name="kafka-start", daemon=True).start()
 

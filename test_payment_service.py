@@ -1832,6 +1832,7 @@ def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
 
     svc = spawn(broker, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30, ACCESS_LOG=0,
                 preexec_fn=enter_cgroup)
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200  # producer up
     with open(f"{pids_cgroup}/pids.current") as f:
         current = int(f.read())
     with open(f"{pids_cgroup}/pids.max", "w") as f:        # as docker --pids-limit, lowered
@@ -1843,9 +1844,10 @@ def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
     finally:
         close_all(slow)
     assert all(answered), answered
+    code, _ = svc.stop()
+    assert code == 0, svc.output
     assert svc.output.count("cannot start a thread") == 1
     assert "Traceback" not in svc.output
-    assert svc.stop()[0] == 0
 
 
 def run_with_settings(env, args=(), timeout_s=10):
