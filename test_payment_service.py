@@ -1738,11 +1738,15 @@ def test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_thre
     assert all(ok for ok, _ in answered), [round(took, 2) for _, took in answered]
     assert all(ok for ok, _ in after)
     assert most_threads <= 200 + 30
+    wait_until(lambda: thread_count(pid) < 20, ps.PaymentHTTPServer.spare_thread_s + 5,
+               "the spare threads gone")
+    rss_after = rss_mib(pid)
+    assert rss_after < rss_before + 12, f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
     code, seconds = svc.stop()
     assert code == 0 and seconds < 2
     assert "Traceback" not in svc.output
     print(f"{opened[0]} connections; {most_threads} threads at most; "
-          f"RSS {rss_before:.0f} MiB before")
+          f"RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
 
 
 @pytest.mark.slow
