@@ -839,7 +839,8 @@ CLIENT_GONE_ERRORS = (ConnectionError, TimeoutError, BlockingIOError)
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     """A thread per connection, within a bound; a deep listen backlog; a graceful stop."""
 
-    request_queue_size = 1024   # the default of 5 drops connections under load
+    request_queue_size = 4096   # the default of 5 drops connections under load, and a
+                                # full backlog drops a fresh client's SYN (1 s to retry)
     daemon_threads = True       # a stuck connection cannot keep the process alive;
                                 # stop() waits for in-flight requests instead
     spare_thread_s = 10.0       # how long a thread without a connection lives on
@@ -1064,13 +1065,32 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                         "serving up to %d connections", time.monotonic() - shortage.since,
                         shortage.refused, self.max_connections)
 
+    def server_activate(self):
+        super().server_activate()
+        self.socket.setblocking(False)      # for the accept batches below
+
+    def _handle_request_noblock(self):
+        """Accept every connection waiting, up to 64, not one per wake-up of
+        serve_forever(): under a flood of connections the backlog otherwise
+        fills, and a fresh client whose SYN is dropped waits 1 s to retry."""
+        for _ in range(64):
+            try:
+                request, client_address = self.get_request()
+            except OSError:                 # none waiting (or out of descriptors)
+                return
+            try:
+                self.process_request(request, client_address)
+            except Exception:
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
     def get_request(self):
         try:
             request = self.socket.accept()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                 self._descriptors_ran_out(exc)
-            raise               # socketserver skips this round
+            raise               # no connection this round
         if self._accept_paused_at is not None:
             log.warning("accepting connections again after %.1f s without file descriptors",
                         time.monotonic() - self._accept_paused_at)
