@@ -26,6 +26,7 @@ Reading guide (the file is the lesson, top to bottom):
    performance measures, each with what it bought.
 """
 
+import contextlib
 import email.utils
 import errno
 import http.server
@@ -864,6 +865,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self._handoff = queue.SimpleQueue()      # (socket, address) for a thread
         self._thread_shortage = None             # ThreadShortage while threads cannot start
         self._accept_paused_at = None            # when accept() last ran out of descriptors
+        self._deferring = 0.0                    # since when TCP_DEFER_ACCEPT is on (at the bound)
         self._refused = Refuser()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -943,6 +945,22 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             if self._connections.pop(handler, 0) is None:
                 self._connections[handler] = None
 
+    def _defer_silent_connections(self, on, held):
+        """At the bound, new connections that send nothing wait in the kernel
+        (TCP_DEFER_ACCEPT, nginx's "deferred"), not in the accept queue: a
+        flood of 10,000 idle connections otherwise keeps the backlog full and
+        fresh clients' SYNs are dropped. Off below half the bound, after 30 s at least."""
+        self._deferring = time.monotonic() if on else 0.0
+        if on:
+            log.warning("%d connections, the most this server holds (MAX_CONNECTIONS): closing "
+                        "idle ones to make room; new ones that send nothing wait", held)
+        else:
+            log.warning("%d connections: below half of MAX_CONNECTIONS again", held)
+        if hasattr(socket, "TCP_DEFER_ACCEPT"):
+            with contextlib.suppress(OSError):
+                self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT,
+                                       max(int(self.idle_timeout_s), 1) if on else 0)
+
     def _evictable(self):
         """The connection waiting longest outside a request, marked evicted, or None."""
         for handler in self._connections:
@@ -965,7 +983,13 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         victim = start = None
         with self._connections_lock:
             bound, thread_cap = self._bounds()
-            if len(self._connections) + self._queued >= bound:
+            held = len(self._connections) + self._queued
+            if self._deferring:
+                if held < bound // 2 and time.monotonic() - self._deferring > 30:
+                    self._defer_silent_connections(False, held)
+            elif held >= bound:
+                self._defer_silent_connections(True, held)
+            if held >= bound:
                 victim = self._evictable()
                 if victim is None:
                     self._refuse(request, f"{len(self._connections)} requests are "
