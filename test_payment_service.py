@@ -52,6 +52,9 @@ Index: each rule the README promises, and the tests that hold it to it.
   the image's health check and the demo stack
       test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one,
       test_compose_runs_kafka_then_the_service_built_from_the_dockerfile
+  MAX_CONNECTIONS, HEADER_TIMEOUT_S, BODY_TIMEOUT_S, out of threads or descriptors,
+  settings checked before binding, IPv6, RFC 9112 parsing (issue 9)
+      the last section, "Hostile clients, limits and bad settings"
 """
 
 import contextlib
