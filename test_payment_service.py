@@ -60,13 +60,18 @@ Index: each rule the README promises, and the tests that hold it to it.
       test_sasl_ssl_the_managed_cluster_case_end_to_end,
       test_sasl_settings_reach_the_producer_and_the_password_is_never_shown,
       test_bad_combination_exits_non_zero_at_once_with_one_line_naming_the_setting
+  MAX_CONNECTIONS, HEADER_TIMEOUT_S, BODY_TIMEOUT_S, out of threads or descriptors,
+  settings checked before binding, IPv6, RFC 9112 parsing (issue 9)
+      the last section, "Hostile clients, limits and bad settings"
 """
 
 import contextlib
+import errno
 import http.client
 import json
 import os
 import re
+import selectors
 import signal
 import socket
 import subprocess
@@ -371,7 +376,7 @@ def base(service):
 class ServiceProcess:
     """payment_service.py as a child process, the way users run it."""
 
-    def __init__(self, bootstrap, **env):
+    def __init__(self, bootstrap, preexec_fn=None, **env):
         self.port = free_port()
         self.base = ("127.0.0.1", self.port)
         full_env = dict(os.environ, KAFKA_BOOTSTRAP=bootstrap, PORT=str(self.port),
@@ -379,7 +384,7 @@ class ServiceProcess:
         full_env.update({k: str(v) for k, v in env.items()})
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "payment_service.py")], env=full_env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         self._output = []
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
@@ -2135,14 +2140,16 @@ def test_api_document_is_valid_openapi_3_1_of_every_route():
         handler = ps.ROUTES[path][method]
         assert op["summary"] == handler.__doc__.partition("\n")[0]
         statuses = set(op["responses"])
-        assert {"200", "400", "404", "405", "414", "431", "500", "505"} <= statuses
+        assert {"200", "400", "404", "405", "408", "414", "431", "500", "503", "505"} <= statuses
         assert op["responses"]["405"]["headers"]["Allow"]["required"] is True
         if method == "POST":
             assert {"408", "411", "413", "415", "422"} <= statuses
             assert op["requestBody"]["required"] is True
         else:
             assert "requestBody" not in op and "422" not in statuses
-        assert ("503" in statuses) == (handler is ps.mock_succeed)
+        unavailable = op["responses"]["503"]["description"]
+        assert "MAX_CONNECTIONS" in unavailable                  # the connection bound: any route
+        assert ("KAFKA_TIMEOUT_S" in unavailable) == (handler is ps.mock_succeed)
         if method == "HEAD":                               # headers only, no body
             assert all("content" not in r for r in op["responses"].values())
         else:
@@ -2666,3 +2673,419 @@ def test_group_commit_against_the_real_broker_acknowledges_each_record(broker):
     publisher.close(2)
     keys = set(keys_on_topic(broker))
     assert {str(order_id).encode() for order_id in range(base_id, base_id + 64)} <= keys
+
+
+# ---------------------------------------------------------------------------
+# Hostile clients, limits and bad settings (issue 9)
+# ---------------------------------------------------------------------------
+# Each test reproduces a row of issue 9 against the real service process, with
+# smaller numbers that prove the same thing.
+
+def fresh_client_answered(base, within_s=1.0):
+    """A new client's GET /health: (answered 200 within within_s, seconds it took)."""
+    started = time.monotonic()
+    try:
+        raw = raw_exchange(base, b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+                           timeout_s=within_s + 2)
+        ok = parse_raw_answers(raw)[0][0] == 200
+    except (OSError, IndexError, ValueError):
+        ok = False
+    if not ok and os.environ.get("PAYMENT_TEST_DEBUG"):
+        print("fresh client failed:", locals().get("raw"), sys.exc_info())
+    took = time.monotonic() - started
+    return ok and took <= within_s, took
+
+
+def open_slow_clients(base, count, first_bytes=b"GET /health HTTP/1.1\r\n"):
+    """count connections that sent first_bytes and then wait (not a whole head)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(base, timeout=10)
+        sock.sendall(first_bytes)
+        socks.append(sock)
+    return socks
+
+
+def closed_by_server(sock, timeout_s):
+    """What the server sent before closing sock (b"" when closed without an answer)."""
+    sock.settimeout(timeout_s)
+    data = b""
+    try:
+        while chunk := sock.recv(4096):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def close_all(socks):
+    for sock in socks:
+        sock.close()
+
+
+def test_at_the_bound_idle_and_half_read_connections_make_room_longest_waiting_first(
+        spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=64, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30)
+    keep_alive = http.client.HTTPConnection(*svc.base, timeout=10)     # the oldest: idle
+    assert request(svc.base, "GET", "/health", conn=keep_alive).status == 200
+    slow = open_slow_clients(svc.base, 200)
+    try:
+        for _ in range(5):
+            ok, took = fresh_client_answered(svc.base)
+            assert ok, f"a fresh client waited {took:.2f} s"
+        assert thread_count(svc.proc.pid) <= 64 + 30
+        assert closed_by_server(slow[0], 2) == b""              # among the first closed
+        assert closed_by_server(keep_alive.sock, 2) == b""
+        assert all(closed_by_server(sock, 2) == b"" for sock in slow[:100])
+    finally:
+        close_all(slow)
+        keep_alive.close()
+    assert "Traceback" not in svc.output
+    assert svc.stop()[0] == 0
+
+
+def test_at_the_bound_with_every_connection_inside_a_request_503_at_once(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=8, BODY_TIMEOUT_S=20, IDLE_TIMEOUT_S=20)
+    head = (f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 100\r\n\r\n{{").encode()
+    busy = open_slow_clients(svc.base, 8, head)                 # heads done, bodies pending
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        raw = raw_exchange(svc.base, b"GET /health HTTP/1.1\r\n\r\n", timeout_s=5)
+        assert time.monotonic() - started < 1.0
+        [(status, headers, body)] = parse_raw_answers(raw)
+        assert status == 503 and headers["connection"] == "close"
+        assert "requests are being handled" in json.loads(body)["detail"]
+    finally:
+        close_all(busy)
+    wait_until(lambda: fresh_client_answered(svc.base)[0], 5, "served again once they left")
+    assert svc.stop()[0] == 0
+
+
+def test_head_sent_a_byte_at_a_time_gets_408_at_the_header_deadline(spawn, broker):
+    svc = spawn(broker, HEADER_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
+    with socket.create_connection(svc.base, timeout=10) as sock:
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        data = b""
+        for byte in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                sock.sendall(bytes([byte]))
+                data += sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if data:
+                break
+        waited = time.monotonic() - started
+    [(status, headers, body)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close"
+    assert "request head" in json.loads(body)["detail"]
+    assert 1.5 - 0.2 <= waited < 1.5 + SLACK_S
+
+
+def test_body_sent_a_byte_at_a_time_gets_408_at_the_body_deadline(spawn, broker):
+    svc = spawn(broker, BODY_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
+    body = payment_body(7)
+    with socket.create_connection(svc.base, timeout=10) as sock:
+        sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode())
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        data = b""
+        for byte in body:
+            try:
+                sock.sendall(bytes([byte]))
+                data += sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if data:
+                break
+        waited = time.monotonic() - started
+    [(status, headers, answer)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close"
+    assert "body" in json.loads(answer)["detail"]
+    assert 1.5 - 0.2 <= waited < 1.5 + SLACK_S
+
+
+@pytest.mark.slow
+def test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_threads_bounded(
+        spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=200, ACCESS_LOG=0)
+    pid = svc.proc.pid
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200  # all loaded
+    rss_before = rss_mib(pid)
+    stop = threading.Event()
+    opened = [0]
+
+    def attacker():                  # 2,000 idle connections, replaced as they close
+        selector = selectors.DefaultSelector()
+        while not stop.is_set():
+            while len(selector.get_map()) < 2000:
+                sock = socket.socket()
+                sock.setblocking(False)
+                sock.connect_ex(svc.base)
+                selector.register(sock, selectors.EVENT_READ)
+                opened[0] += 1
+                if opened[0] % 200 == 0:
+                    break
+            for key, _ in selector.select(0.01):
+                with contextlib.suppress(OSError):
+                    if key.fileobj.recv(100):
+                        continue
+                selector.unregister(key.fileobj)
+                key.fileobj.close()
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()
+
+    flood = threading.Thread(target=attacker, daemon=True)
+    flood.start()
+    answered, most_threads = [], 0
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        answered.append(fresh_client_answered(svc.base))
+        most_threads = max(most_threads, thread_count(pid))
+        time.sleep(0.2)
+    stop.set()
+    flood.join(10)
+    after = [fresh_client_answered(svc.base) for _ in range(5)]
+    assert opened[0] > 2000, "the flood replaced closed connections"
+    assert all(ok for ok, _ in answered), [(ok, round(took, 2)) for ok, took in answered]
+    assert all(ok for ok, _ in after)
+    assert most_threads <= 200 + 30
+    wait_until(lambda: thread_count(pid) < 20, ps.PaymentHTTPServer.spare_thread_s + 5,
+               "the spare threads gone")
+    rss_after = rss_mib(pid)
+    assert rss_after < rss_before + 12, f"RSS {rss_before:.0f} -> {rss_after:.0f} MiB"
+    code, seconds = svc.stop()
+    assert code == 0 and seconds < 2
+    assert "Traceback" not in svc.output
+    print(f"{opened[0]} connections; {most_threads} threads at most; "
+          f"RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
+
+
+@pytest.mark.slow
+def test_sigterm_with_many_slow_clients_exits_at_once(spawn, broker):
+    svc = spawn(broker)
+    slow = open_slow_clients(svc.base, 300)
+    try:
+        wait_until(lambda: thread_count(svc.proc.pid) > 300, 10, "300 connections held")
+        code, seconds = svc.stop()
+    finally:
+        close_all(slow)
+    assert code == 0 and seconds < 1.5, seconds
+    assert "Traceback" not in svc.output
+
+
+@pytest.mark.slow
+def test_at_the_descriptor_limit_fresh_clients_are_served_without_spinning(spawn, broker):
+    import resource
+
+    svc = spawn(broker, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30, ACCESS_LOG=0,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    assert "MAX_CONNECTIONS=1000 lowered to 156: RLIMIT_NOFILE is 256" in svc.output
+    slow = open_slow_clients(svc.base, 400)
+    try:
+        cpu_before, started = cpu_seconds(svc.proc.pid), time.monotonic()
+        answered = [fresh_client_answered(svc.base)[0] for _ in range(10)]
+        time.sleep(1)
+        cpu_share = (cpu_seconds(svc.proc.pid) - cpu_before) / (time.monotonic() - started)
+    finally:
+        close_all(slow)
+    assert all(answered), answered
+    assert cpu_share < 0.5, f"{cpu_share:.0%} CPU"
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
+
+
+def test_accept_out_of_descriptors_pauses_and_warns_once(monkeypatch, caplog):
+    publisher = ps.EventPublisher(1.0, 10)
+    server = ps.PaymentHTTPServer(("127.0.0.1", 0), publisher)
+    calls = []
+
+    class Exhausted:
+        def accept(self):
+            calls.append(time.monotonic())
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    real_socket = server.socket
+    monkeypatch.setattr(server, "socket", Exhausted())
+    for _ in range(3):
+        with pytest.raises(OSError):
+            server.get_request()
+    monkeypatch.setattr(server, "socket", real_socket)
+    client = socket.create_connection(("127.0.0.1", server.server_port))
+    conn, _ = server.get_request()
+    conn.close()
+    client.close()
+    server.server_close()
+    assert calls[-1] - calls[0] >= 2 * 0.45                    # paused, not spinning
+    warnings = [r.getMessage() for r in caplog.records if r.name == "payment_service"]
+    assert len([w for w in warnings if "out of file descriptors" in w]) == 1
+    assert len([w for w in warnings if "accepting connections again" in w]) == 1
+
+
+@pytest.fixture
+def pids_cgroup():
+    """A child pids cgroup (cgroup v1) for one service process, removed afterwards."""
+    path = f"/sys/fs/cgroup/pids/payment-test-{uuid.uuid4().hex[:8]}"
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        pytest.skip(f"no pids cgroup to create here: {exc}")
+    yield path
+    with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
+        for pid in f.read().split():
+            os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.2)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+@pytest.mark.slow
+def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
+        spawn, broker, pids_cgroup):
+    def enter_cgroup():
+        with open(f"{pids_cgroup}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+
+    svc = spawn(broker, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30, ACCESS_LOG=0,
+                preexec_fn=enter_cgroup)
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200  # producer up
+    with open(f"{pids_cgroup}/pids.current") as f:
+        current = int(f.read())
+    with open(f"{pids_cgroup}/pids.max", "w") as f:        # as docker --pids-limit, lowered
+        f.write(str(current + 60))
+    slow = open_slow_clients(svc.base, 150)
+    try:
+        answered = [fresh_client_answered(svc.base)[0] for _ in range(10)]
+        assert thread_count(svc.proc.pid) <= current + 60
+    finally:
+        close_all(slow)
+    assert all(answered), answered
+    code, _ = svc.stop()
+    assert code == 0, svc.output
+    assert svc.output.count("cannot start a thread") == 1
+    assert "Traceback" not in svc.output
+
+
+def run_with_settings(env, args=(), timeout_s=10):
+    """Start the service with these settings; (exit code, stderr, seconds) of a failed start."""
+    full_env = dict(os.environ, KAFKA_BOOTSTRAP="127.0.0.1:9", HOST="127.0.0.1",
+                    PORT=str(free_port()))
+    full_env.update(env)
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, *args, os.path.join(HERE, "payment_service.py")],
+                              env=full_env, capture_output=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout_s} s with {env}") from None
+    return done.returncode, done.stderr.decode(), time.monotonic() - started
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"KAFKA_BOOTSTRAP": "localhost:notaport"}, "KAFKA_BOOTSTRAP"),
+    ({"KAFKA_BOOTSTRAP": "localhost:9092,"}, "KAFKA_BOOTSTRAP"),
+    ({"KAFKA_BOOTSTRAP": "localhost:0"}, "KAFKA_BOOTSTRAP"),
+    ({"KAFKA_TIMEOUT_S": "inf"}, "KAFKA_TIMEOUT_S"),
+    ({"KAFKA_TIMEOUT_S": "nan"}, "KAFKA_TIMEOUT_S"),
+    ({"IDLE_TIMEOUT_S": "inf"}, "IDLE_TIMEOUT_S"),
+    ({"IDLE_TIMEOUT_S": "1e20"}, "IDLE_TIMEOUT_S"),
+    ({"HEADER_TIMEOUT_S": "0"}, "HEADER_TIMEOUT_S"),
+    ({"MAX_CONNECTIONS": "lots"}, "MAX_CONNECTIONS"),
+    ({"PORT": "99999"}, "PORT"),
+    ({"HOST": "not-an-ip"}, "HOST"),
+    ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG"),
+])
+def test_bad_setting_stops_start_up_with_one_line_naming_it(env, words):
+    code, stderr, seconds = run_with_settings(env)
+    assert code != 0 and seconds < 1.0 + SLACK_S
+    assert len(stderr.strip().splitlines()) == 1 and words in stderr, stderr
+    assert "Traceback" not in stderr
+
+
+def test_port_in_use_stops_start_up_with_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        code, stderr, _ = run_with_settings({"PORT": str(taken.getsockname()[1])})
+    assert code != 0 and len(stderr.strip().splitlines()) == 1
+    assert "PORT" in stderr and "in use" in stderr and "Traceback" not in stderr
+
+
+def test_kafka_python_missing_stops_start_up_with_one_line():
+    code, stderr, _ = run_with_settings({}, args=["-S"])        # no site-packages
+    assert code != 0 and stderr.strip() == (
+        "kafka-python is not installed: pip install -r requirements.txt")
+
+
+def test_ipv6_host_is_served(spawn, broker):
+    try:
+        socket.create_server(("::1", 0), family=socket.AF_INET6).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    svc = spawn(broker, HOST="::1")
+    assert f"listening on http://[::1]:{svc.port}" in svc.output
+    assert request(("::1", svc.port), "GET", "/health").status == 200
+    assert svc.stop()[0] == 0
+
+
+def test_sigterm_while_kafka_python_is_still_loading_exits_at_once(spawn):
+    svc = spawn(f"127.0.0.1:{free_port()}")          # "listening" comes before the import
+    code, seconds = svc.stop()
+    assert code == 0 and seconds < 2.0
+    assert "Traceback" not in svc.output
+
+
+@pytest.mark.parametrize("payload, status", [
+    (b"GET http://payment.local/health HTTP/1.1\r\n\r\n", 200),            # absolute-form
+    (b"\r\nGET /health HTTP/1.1\r\n\r\n", 200),                             # one empty line first
+    (b"GET /health HTTP/1.1\r\nX-A: a\rb\r\n\r\n", 400),                    # bare CR
+    (b"GET /health HTTP/1.1\r\nX-A: a\x00b\r\n\r\n", 400),                  # NUL
+    (b"GET\xa0/health HTTP/1.1\r\n\r\n", 400),                              # \xa0 is no space
+    (b"GET /health\x0bHTTP/1.1\r\n\r\n", 400),                              # nor is VT
+    (b"GET\t/health HTTP/1.1\r\n\r\n", 200),                                # HTAB is
+    (b"GET /health HTTP/1.1\r\nX\x0c: 1\r\n\r\n", 400),                     # FF in a name
+])
+def test_request_head_parsed_as_rfc_9112_says(base, payload, status):
+    answers = parse_raw_answers(raw_exchange(base, payload, half_close=True))
+    assert answers[0][0] == status
+
+
+def test_content_length_with_vertical_tab_is_400(base):
+    raw = raw_exchange(base, (f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: \x0b2\r\n\r\n{{}}").encode())
+    assert parse_raw_answers(raw)[0][0] == 400
+
+
+@pytest.mark.parametrize("value, closes", [("notclosed", False), ("keep-alive, close", True),
+                                           ("Close", True), ("upgrade,close ", True)])
+def test_connection_is_a_token_list(base, value, closes):
+    conn = http.client.HTTPConnection(*base, timeout=10)
+    answer = request(base, "GET", "/health", headers={"Connection": value}, conn=conn)
+    assert answer.status == 200
+    assert (answer.headers.get("connection") == "close") == closes
+    if not closes:
+        assert request(base, "GET", "/health", conn=conn).status == 200   # still open
+    conn.close()
+
+
+def test_flapping_broker_logs_one_line_per_outage(caplog):
+    publisher = ps.EventPublisher(1.0, 10)
+    for _ in range(200):                                 # failures and successes interleaved
+        publisher._note_broker_state(ok=False, reason="KafkaTimeoutError")
+        publisher._note_broker_state(ok=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "payment_service"]
+    assert len(lines) == 1 and "unavailable" in lines[0]
+    publisher._last_failure -= publisher.RECOVERED_AFTER_S      # then no failure for a while
+    publisher._note_broker_state(ok=True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "payment_service"]
+    assert len(lines) == 2 and "again" in lines[1]
