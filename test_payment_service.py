@@ -1078,6 +1078,24 @@ def test_unresolvable_bootstrap_host_is_warned_about_once_at_start_up(spawn):
         "does not resolve")[0].splitlines()[-1]
 
 
+def test_access_log_keeps_every_line_whole_from_many_threads(tmp_path, monkeypatch):
+    monkeypatch.setattr(ps.AccessLog, "MAX_QUEUED", 50)         # writers flush themselves too
+    with open(tmp_path / "log", "wb") as out:
+        access_log = ps.AccessLog(fd=out.fileno(), flush_interval_s=0.01)
+        lines = [[f"thread {t} line {i} \u00e9" for i in range(2000)] for t in range(8)]
+        threads = [threading.Thread(target=lambda ls=ls: [access_log.write(x) for x in ls])
+                   for ls in lines]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        access_log.close()
+    written = (tmp_path / "log").read_text("utf-8").splitlines()
+    assert sorted(written) == sorted(x for ls in lines for x in ls)
+    for t, ls in enumerate(lines):                            # each thread's lines in order
+        assert [x for x in written if x.startswith(f"thread {t} ")] == ls
+
+
 def test_client_that_disconnects_mid_request_prints_no_traceback(spawn, broker):
     svc = spawn(broker, IDLE_TIMEOUT_S=1)
     for partial in [b"GET /hea", f"POST {CREATE} HTTP/1.1\r\nContent-Length: 50\r\n\r\n{{".encode(),
