@@ -2787,22 +2787,29 @@ def test_at_the_bound_with_every_connection_inside_a_request_503_at_once(spawn, 
     assert svc.stop()[0] == 0
 
 
+def trickle(sock, payload):
+    """Send payload a byte at a time (one each 0.3 s at most) until the server
+    answers or closes; what it answered."""
+    sock.settimeout(0.3)
+    data = b""
+    for byte in payload:
+        try:
+            sock.sendall(bytes([byte]))
+            data += sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if data:
+            break
+    return data
+
+
 def test_head_sent_a_byte_at_a_time_gets_408_at_the_header_deadline(spawn, broker):
     svc = spawn(broker, HEADER_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
     with socket.create_connection(svc.base, timeout=10) as sock:
         started = time.monotonic()
-        sock.settimeout(0.3)
-        data = b""
-        for byte in b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100:
-            try:
-                sock.sendall(bytes([byte]))
-                data += sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if data:
-                break
+        data = trickle(sock, b"GET /health HTTP/1.1\r\nX-Slow: " + b"a" * 100)
         waited = time.monotonic() - started
     [(status, headers, body)] = parse_raw_answers(data)
     assert status == 408 and headers["connection"] == "close"
@@ -2817,18 +2824,7 @@ def test_body_sent_a_byte_at_a_time_gets_408_at_the_body_deadline(spawn, broker)
         sock.sendall((f"POST {CREATE} HTTP/1.1\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(body)}\r\n\r\n").encode())
         started = time.monotonic()
-        sock.settimeout(0.3)
-        data = b""
-        for byte in body:
-            try:
-                sock.sendall(bytes([byte]))
-                data += sock.recv(4096)
-            except TimeoutError:
-                continue
-            except OSError:
-                break
-            if data:
-                break
+        data = trickle(sock, body)
         waited = time.monotonic() - started
     [(status, headers, answer)] = parse_raw_answers(data)
     assert status == 408 and headers["connection"] == "close"
