@@ -968,6 +968,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
         self.body_unread = False
         self.requestline = ""
         self.command = ""
+        self.path = ""
         self.request_version = "HTTP/1.1"   # until the request line says otherwise
         if self.server.stopping:
             return
@@ -976,6 +977,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
             if raw in (b"\r\n", b"\n"):     # RFC 9112 2.2: one empty line before a request
                 raw = self.rfile.readline(MAX_LINE_BYTES + 1)   # is ignored; two are a 400
         except RequestTimeout as exc:   # bytes trickled in, no request line by the deadline
+            self.started = time.perf_counter()
             self.send_json(exc.status, {"detail": exc.detail})
             self.wfile.flush()
             return

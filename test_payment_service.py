@@ -2817,6 +2817,19 @@ def test_head_sent_a_byte_at_a_time_gets_408_at_the_header_deadline(spawn, broke
     assert 1.5 - 0.2 <= waited < 1.5 + SLACK_S
 
 
+def test_request_line_sent_a_byte_at_a_time_gets_408_counted_without_a_traceback(spawn, broker):
+    svc = spawn(broker, HEADER_TIMEOUT_S=1, IDLE_TIMEOUT_S=5)
+    with socket.create_connection(svc.base, timeout=10) as sock:
+        data = trickle(sock, b"GET /health-and-a-long-path-sent-slowly HTTP/1.1")
+    [(status, headers, body)] = parse_raw_answers(data)
+    assert status == 408 and headers["connection"] == "close"
+    assert "request head" in json.loads(body)["detail"]
+    metrics = raw_exchange(svc.base, b"GET /metrics HTTP/1.1\r\nConnection: close\r\n\r\n")
+    assert b'payment_http_requests_total{route="unmatched",method="other",status="408"} 1' in metrics
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
+
+
 def test_body_sent_a_byte_at_a_time_gets_408_at_the_body_deadline(spawn, broker):
     svc = spawn(broker, BODY_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
     body = payment_body(7)
