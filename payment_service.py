@@ -474,8 +474,8 @@ class EventPublisher:
         (topic, partition, offset) or the exception, for every record,
         including those refused at send() and those expired before it. It
         answers the waiting request (if still waiting) and notes the broker's
-        state; counters, a latency histogram (the request started at
-        publication.deadline - timeout_s) and an event log line belong here."""
+        state. The metrics and the event log line are written by the request
+        itself, from what publish() returns or raises (publish_observed)."""
         failed = isinstance(outcome, Exception)
         self._note_broker_state(ok=not failed, reason=outcome if failed else None)
         publication.settle(outcome)
