@@ -644,6 +644,7 @@ SETTINGS = [
     ("HEADER_TIMEOUT_S", "10", "a request head must arrive within this of its first byte; else 408"),
     ("BODY_TIMEOUT_S", "10", "a request body must arrive within this; else 408"),
     ("MAX_CONNECTIONS", "1000", "connections held at most (idle ones closed first; then 503)"),
+    ("PIN_CPU", "auto", "run every thread on one CPU: auto (the last one allowed), a number, or off"),
     ("ACCESS_LOG", "1", "one line per request on stderr; 0 turns it off"),
     ("EVENT_LOG", "1", "one line per acknowledged event (partition, offset); 0 turns it off"),
     ("SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5",
@@ -672,6 +673,7 @@ class Config(NamedTuple):
     header_timeout_s: float
     body_timeout_s: float
     max_connections: int
+    pin_cpu: object             # "auto", "off" or a CPU number: pin_to_one_cpu() (section 5)
 
 
 MAX_TIMEOUT_S = 3600.0
@@ -707,6 +709,7 @@ def config_from_env(environ):
         header_timeout_s=number("HEADER_TIMEOUT_S", float, 0.1, MAX_TIMEOUT_S),
         body_timeout_s=number("BODY_TIMEOUT_S", float, 0.1, MAX_TIMEOUT_S),
         max_connections=number("MAX_CONNECTIONS", int, 1, 10**6),
+        pin_cpu=cpu_choice(text("PIN_CPU")),
     )
 
 
@@ -731,6 +734,19 @@ def ip_address(text):
     except ValueError:
         raise SystemExit(f"HOST={text!r} is not an IP address "
                          f"(0.0.0.0 or :: for every address, 127.0.0.1 or ::1 for this host)") from None
+
+
+def cpu_choice(text):
+    """PIN_CPU: "auto", "off", or the number of a CPU this process may run on."""
+    value = text.strip().lower()
+    if value in ("auto", "off"):
+        return value
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if not (value.isascii() and value.isdigit() and int(value) in allowed):
+        cpus = ", ".join(map(str, allowed)) or "none: not supported here"
+        raise SystemExit(f"PIN_CPU={text!r} is not auto, off or a CPU this process may "
+                         f"run on ({cpus})")
+    return int(value)
 
 
 def switch(name, text):
@@ -884,6 +900,7 @@ def main():
     # publisher logs each change of the broker's state instead.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
 
+    cpu = pin_to_one_cpu(config.pin_cpu)       # before any thread starts: they inherit it
     raise_descriptor_limit()
     access_log = AccessLog(enabled=config.access_log)
     publisher = EventPublisher(config.kafka_timeout_s, config.max_pending_events)
@@ -901,6 +918,8 @@ def main():
     print(f"listening on http://{host}:{server.server_port} "
           f"(Kafka {config.kafka_bootstrap} over {config.kafka_client.description}, "
           f"topic {TOPIC})", flush=True)
+    if cpu is not None:
+        print(f"every thread runs on CPU {cpu} (PIN_CPU=off lets them spread)", flush=True)
     # Serve first, then import kafka-python and make the producer: /health
     # answers within ~60 ms of start; mock-succeed waits for the producer.
     threading.Thread(target=server.serve_forever, args=(0.1,), name="http-accept",
@@ -1468,6 +1487,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             except Exception:
                 self.handle_error(request, client_address)
                 self.shutdown_request(request)
+            if self._queued > QUEUED_AHEAD:    # the connection threads fell behind
+                time.sleep(0.001)               # let them run (see QUEUED_AHEAD)
 
     def get_request(self):
         try:
@@ -1513,6 +1534,14 @@ def release_free_memory():
 
 
 _malloc_trim = None
+
+# Connections accepted but not yet taken by a thread, past which the accept
+# loop sleeps 1 ms after each accept. With every thread on one CPU
+# (PIN_CPU), an accept loop that never blocks kept the GIL for CPython's
+# whole 5 ms switch interval at a time: under a flood of idle connections the
+# threads fell 200 connections behind, none of them could be closed to make
+# room (only connections a thread serves can), and fresh clients got 503s.
+QUEUED_AHEAD = 32
 
 THREADS_WINDING_DOWN = 16   # threads past the bound: ones whose evicted connection is closing
 
@@ -1775,6 +1804,28 @@ def set_socket_timeouts(sock, seconds):
     timeval = struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+
+
+# -- performance: one CPU for the whole process ---------------------------------
+# CPython runs the Python code of one thread at a time (the GIL), and a
+# mock-succeed passes it between threads several times: its connection thread,
+# the publisher, kafka-python's sender. Spread over two CPUs, each pass woke a
+# thread on the other CPU, and the GIL sat unheld ~45 % of the time while the
+# process burned a whole CPU (py-spy and perf, 32 connections). On one CPU a
+# pass is a plain context switch: mock-succeed went from 0.71-0.83 of the
+# kafka-python ceiling to 0.98-1.27 (3 rounds each, same machine). The
+# kernel's network work still runs on any CPU. Which CPU matters little (0 and
+# 1 each won a round here); "auto" takes the last one allowed, so give each
+# instance its own PIN_CPU when several share a host.
+
+def pin_to_one_cpu(choice):
+    """Confine this process to one CPU (see above); the CPU, or None for "off"
+    and where the OS has no CPU affinity."""
+    if choice == "off" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpu = max(os.sched_getaffinity(0)) if choice == "auto" else choice
+    os.sched_setaffinity(0, {cpu})      # this thread; threads started later inherit it
+    return cpu
 
 
 # -- performance: a buffered access log and a per-second clock ------------------

@@ -3033,6 +3033,9 @@ def run_with_settings(env, args=(), timeout_s=10):
     ({"PORT": "99999"}, "PORT"),
     ({"HOST": "not-an-ip"}, "HOST"),
     ({"ACCESS_LOG": "maybe"}, "ACCESS_LOG"),
+    ({"PIN_CPU": "fast"}, "PIN_CPU"),
+    ({"PIN_CPU": "-1"}, "PIN_CPU"),
+    ({"PIN_CPU": "4096"}, "PIN_CPU"),                 # a CPU this process may not use
 ])
 def test_bad_setting_stops_start_up_with_one_line_naming_it(env, words):
     code, stderr, seconds = run_with_settings(env)
@@ -3116,3 +3119,41 @@ def test_flapping_broker_logs_one_line_per_outage(caplog):
     publisher._note_broker_state(ok=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "payment_service"]
     assert len(lines) == 2 and "again" in lines[1]
+
+
+# -- one CPU for the whole process (PIN_CPU; issue 10) -------------------------
+
+def cpus_allowed_per_thread(pid):
+    """{thread id: its Cpus_allowed_list} for every thread of the process."""
+    allowed = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            allowed[tid] = re.search(r"^Cpus_allowed_list:\s*(\S+)", f.read(), re.M)[1]
+    return allowed
+
+
+def cpu_list(cpus):
+    """A set of CPU numbers as /proc writes it: "1", "0-3", "0,2-3"."""
+    parts = []
+    for cpu in sorted(cpus):
+        if parts and parts[-1][1] == cpu - 1:
+            parts[-1][1] = cpu
+        else:
+            parts.append([cpu, cpu])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+@pytest.mark.parametrize("setting", ["auto", "first", "off"])
+def test_pin_cpu_confines_every_thread_kafka_ones_included_to_one_cpu(spawn, broker, setting):
+    allowed = os.sched_getaffinity(0)
+    value = {"auto": "auto", "first": str(min(allowed)), "off": "off"}[setting]
+    svc = spawn(broker, PIN_CPU=value)
+    assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200
+    threads = cpus_allowed_per_thread(svc.proc.pid)
+    assert len(threads) >= 5        # main, accept, connection, publisher, kafka's sender
+    expected = {"auto": str(max(allowed)), "first": str(min(allowed)),
+                "off": cpu_list(allowed)}[setting]
+    assert set(threads.values()) == {expected}, threads
+    pinned_line = f"every thread runs on CPU {expected}"
+    assert (pinned_line in svc.output) == (setting != "off"), svc.output
