@@ -326,9 +326,12 @@ class EventPublisher:
     it reached 0.56-0.81 of it (median of 4 runs 0.74) where the former code
     reached 0.45-0.67 (median 0.52), side by side on the same busy, shared
     machine. Two publisher threads (one sending while the other flushes)
-    made groups of 4-6 records and were no faster. What is
-    left is kafka-python's own CPU: its sender thread held the GIL ~63 % of
-    the time (a fifth of that in its pure-Python CRC32C), send() ~25 %.
+    made groups of 4-6 records and were no faster, and so was a pipeline
+    with two groups in flight. Most of what was left was not Kafka at all
+    but the GIL passing between threads on two CPUs: on one CPU (PIN_CPU,
+    section 5) mock-succeed reaches 1.0-1.3 of the ceiling. There, py-spy
+    finds kafka-python's sender thread holding the GIL a third of the time
+    (two fifths of that in its pure-Python CRC32C) and send() a sixth.
     """
 
     def __init__(self, timeout_s, max_pending):
@@ -644,7 +647,7 @@ SETTINGS = [
     ("HEADER_TIMEOUT_S", "10", "a request head must arrive within this of its first byte; else 408"),
     ("BODY_TIMEOUT_S", "10", "a request body must arrive within this; else 408"),
     ("MAX_CONNECTIONS", "1000", "connections held at most (idle ones closed first; then 503)"),
-    ("PIN_CPU", "auto", "run every thread on one CPU: auto (the last one allowed), a number, or off"),
+    ("PIN_CPU", "auto", "run every thread on one CPU: auto (the one it starts on), a number, or off"),
     ("ACCESS_LOG", "1", "one line per request on stderr; 0 turns it off"),
     ("EVENT_LOG", "1", "one line per acknowledged event (partition, offset); 0 turns it off"),
     ("SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5",
@@ -1810,22 +1813,37 @@ def set_socket_timeouts(sock, seconds):
 # CPython runs the Python code of one thread at a time (the GIL), and a
 # mock-succeed passes it between threads several times: its connection thread,
 # the publisher, kafka-python's sender. Spread over two CPUs, each pass woke a
-# thread on the other CPU, and the GIL sat unheld ~45 % of the time while the
-# process burned a whole CPU (py-spy and perf, 32 connections). On one CPU a
-# pass is a plain context switch: mock-succeed went from 0.71-0.83 of the
-# kafka-python ceiling to 0.98-1.27 (3 rounds each, same machine). The
-# kernel's network work still runs on any CPU. Which CPU matters little (0 and
-# 1 each won a round here); "auto" takes the last one allowed, so give each
-# instance its own PIN_CPU when several share a host.
+# thread on the other CPU, and under mock-succeed the GIL sat unheld ~45 % of
+# the time while the process burned a whole CPU, a fifth of it in the kernel
+# (py-spy, perf). On one CPU a pass is a plain context switch. compare.py,
+# before and after, same machine: mock-succeed 0.73 and 0.83 of the
+# kafka-python ceiling, then 1.08, 1.13 and 1.24; GET /health 14,000 ->
+# 22,000-30,000 req/s; a new connection per request 3,900 -> 8,300-9,200.
+# The kernel's network work still runs on any CPU. Which CPU matters little
+# (0 and 1 each won rounds here). "auto" keeps the one the process started
+# on, where the kernel put it, so instances on one host spread out rather
+# than all taking the same CPU; PIN_CPU=N chooses one.
 
 def pin_to_one_cpu(choice):
     """Confine this process to one CPU (see above); the CPU, or None for "off"
     and where the OS has no CPU affinity."""
     if choice == "off" or not hasattr(os, "sched_setaffinity"):
         return None
-    cpu = max(os.sched_getaffinity(0)) if choice == "auto" else choice
+    allowed = os.sched_getaffinity(0)
+    cpu = current_cpu() if choice == "auto" else choice
+    if cpu not in allowed:
+        cpu = max(allowed)
     os.sched_setaffinity(0, {cpu})      # this thread; threads started later inherit it
     return cpu
+
+
+def current_cpu():
+    """The CPU this thread runs on now (Linux's /proc), or None."""
+    try:
+        with open("/proc/thread-self/stat", "rb") as f:
+            return int(f.read().rpartition(b")")[2].split()[36])    # field 39: processor
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # -- performance: a buffered access log and a per-second clock ------------------

@@ -62,7 +62,10 @@ Index: each rule the README promises, and the tests that hold it to it.
       test_bad_combination_exits_non_zero_at_once_with_one_line_naming_the_setting
   MAX_CONNECTIONS, HEADER_TIMEOUT_S, BODY_TIMEOUT_S, out of threads or descriptors,
   settings checked before binding, IPv6, RFC 9112 parsing (issue 9)
-      the last section, "Hostile clients, limits and bad settings"
+      the section "Hostile clients, limits and bad settings"
+  every thread on one CPU (PIN_CPU), and the flood test above with it
+      test_pin_cpu_confines_every_thread_kafka_ones_included_to_one_cpu,
+      test_current_cpu_reads_the_cpu_the_thread_runs_on
 """
 
 import contextlib
@@ -3152,8 +3155,22 @@ def test_pin_cpu_confines_every_thread_kafka_ones_included_to_one_cpu(spawn, bro
     assert post(svc.base, SUCCEED, payment_body(unique_order_id())).status == 200
     threads = cpus_allowed_per_thread(svc.proc.pid)
     assert len(threads) >= 5        # main, accept, connection, publisher, kafka's sender
-    expected = {"auto": str(max(allowed)), "first": str(min(allowed)),
-                "off": cpu_list(allowed)}[setting]
+    if setting == "auto":           # the CPU it started on: one of those allowed
+        assert len(set(threads.values())) == 1, threads
+        expected = next(iter(threads.values()))
+        assert expected.isdigit() and int(expected) in allowed, threads
+    else:
+        expected = str(min(allowed)) if setting == "first" else cpu_list(allowed)
     assert set(threads.values()) == {expected}, threads
     pinned_line = f"every thread runs on CPU {expected}"
     assert (pinned_line in svc.output) == (setting != "off"), svc.output
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="no CPU affinity on this OS")
+def test_current_cpu_reads_the_cpu_the_thread_runs_on():
+    for cpu in sorted(os.sched_getaffinity(0))[:2]:
+        done = subprocess.run(
+            [sys.executable, "-c", "import payment_service as ps; print(ps.current_cpu())"],
+            cwd=HERE, capture_output=True, text=True, timeout=30,
+            preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
+        assert done.stdout.strip() == str(cpu), done.stderr
