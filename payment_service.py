@@ -1833,7 +1833,12 @@ def pin_to_one_cpu(choice):
     cpu = current_cpu() if choice == "auto" else choice
     if cpu not in allowed:
         cpu = max(allowed)
-    os.sched_setaffinity(0, {cpu})      # this thread; threads started later inherit it
+    try:
+        os.sched_setaffinity(0, {cpu})  # this thread; threads started later inherit it
+    except OSError as exc:              # a sandbox that forbids it: run as the OS likes
+        log.warning("PIN_CPU=%s: cannot keep the threads on CPU %d (%s); they spread",
+                    choice, cpu, exc.strerror or exc)
+        return None
     return cpu
 
 

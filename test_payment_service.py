@@ -65,7 +65,8 @@ Index: each rule the README promises, and the tests that hold it to it.
       the section "Hostile clients, limits and bad settings"
   every thread on one CPU (PIN_CPU), and the flood test above with it
       test_pin_cpu_confines_every_thread_kafka_ones_included_to_one_cpu,
-      test_current_cpu_reads_the_cpu_the_thread_runs_on
+      test_current_cpu_reads_the_cpu_the_thread_runs_on,
+      test_pin_cpu_refused_by_the_os_warns_once_and_runs_unpinned
 """
 
 import contextlib
@@ -3174,3 +3175,13 @@ def test_current_cpu_reads_the_cpu_the_thread_runs_on():
             cwd=HERE, capture_output=True, text=True, timeout=30,
             preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
         assert done.stdout.strip() == str(cpu), done.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this OS")
+def test_pin_cpu_refused_by_the_os_warns_once_and_runs_unpinned(monkeypatch, caplog):
+    def refuse(pid, cpus):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    assert ps.pin_to_one_cpu("auto") is None
+    [line] = [r.getMessage() for r in caplog.records if r.name == "payment_service"]
+    assert "cannot keep the threads on CPU" in line and "Operation not permitted" in line
