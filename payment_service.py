@@ -1817,7 +1817,7 @@ def set_socket_timeouts(sock, seconds):
 # the time while the process burned a whole CPU, a fifth of it in the kernel
 # (py-spy, perf). On one CPU a pass is a plain context switch. compare.py,
 # before and after, same machine: mock-succeed 0.73 and 0.83 of the
-# kafka-python ceiling, then 1.08, 1.13 and 1.24; GET /health 14,000 ->
+# kafka-python ceiling, then 1.05, 1.08, 1.13 and 1.24; GET /health 14,000 ->
 # 22,000-30,000 req/s; a new connection per request 3,900 -> 8,300-9,200.
 # The kernel's network work still runs on any CPU. Which CPU matters little
 # (0 and 1 each won rounds here). "auto" keeps the one the process started
