@@ -436,6 +436,8 @@ MAX_HEAD_BYTES = 32 * 1024      # request line and header fields (docs/limits.md
 MAX_HEADERS = 100
 MIN_DATA_RATE = 240             # bytes/s a body or an answer keeps up, after SLOW_GRACE_S
 SLOW_GRACE_S = 1.0
+SLOW_AFTER_S = 0.25             # at MAX_CONNECTIONS, a body or answer this old may be slow
+SEND_BUFFER_BYTES = 32 * 1024   # per connection (the kernel doubles it)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -480,7 +482,8 @@ class DeadlineReader(io.RawIOBase):
             self._shortened = False
 
     def await_body(self, timeout_s):
-        self.body_since, self._received = time.monotonic(), 0
+        self.body_since = self._last_byte = time.monotonic()
+        self._received = 0
         self._what, self._timeout_s = "body", timeout_s
         self._deadline = self.body_since + timeout_s
 
@@ -504,9 +507,16 @@ class DeadlineReader(io.RawIOBase):
             return None                             # idle: the file object sees no data
         if self.body_since is not None:
             self._received += count
+            self._last_byte = time.monotonic()
         elif count and self._deadline is None:      # a head's first byte
             self._deadline = time.monotonic() + self._timeout_s
         return count
+
+    def slow(self, now):
+        """Reading a body, for a while, below MIN_DATA_RATE or stalled for SLOW_GRACE_S."""
+        return self.body_since is not None and now - self.body_since > SLOW_AFTER_S and (
+            self._received < (now - self.body_since) * MIN_DATA_RATE
+            or now - self._last_byte > SLOW_GRACE_S)
 
     def _expired(self):
         if self.body_since is not None and time.monotonic() < self._deadline:
@@ -537,8 +547,6 @@ CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?\r?\n")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")     # HTAB aside
 LIST_FIELDS = frozenset({"connection", "transfer-encoding", "x-forwarded-for", "host"})
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
-# An empty SETTINGS frame, then GOAWAY (last stream 0, error HTTP_1_1_REQUIRED).
-HTTP2_GOAWAY = bytes.fromhex("000000 04 00 00000000  000008 07 00 00000000 00000000 0000000d")
 CLIENT_GONE = (ConnectionError, TimeoutError, BlockingIOError)
 
 
@@ -550,7 +558,10 @@ class StrictRequestHandler(PaymentRequestHandler):
     def setup(self):
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        # an answer the client takes nothing of for this long is below any rate
+        # Answers are small: a client that does not read them fills this soon (not
+        # megabytes of kernel memory later), and when it takes nothing for
+        # 2 * SLOW_GRACE_S it is below any rate.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         set_socket_timeouts(self.connection, self.server.idle_timeout_s, 2 * SLOW_GRACE_S)
         self.reader = DeadlineReader(self.connection, self.server.idle_timeout_s,
                                      self.server.header_timeout_s)
@@ -572,7 +583,7 @@ class StrictRequestHandler(PaymentRequestHandler):
         except OSError:
             return
         if self.linger:                 # input still coming: closing now would reset
-            self.server.lingerer.add(self.connection.dup())
+            self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
 
     def handle_one_request(self):
         """Read one request within the head's budget and deadline; answer it."""
@@ -593,16 +604,23 @@ class StrictRequestHandler(PaymentRequestHandler):
         self.started = time.perf_counter()
         if raw == HTTP2_PREFACE:
             self.requestline, self.linger = "PRI * HTTP/2.0", True
-            self.wfile.write(HTTP2_GOAWAY)
+            self.wfile.write(http2_refusal(self.rfile))
             return self.server.observe(self, 0, 0)
         self.raw_requestline = raw
         self.answer(*self.dispatch())
         if not self.close_connection:
             self.server.end_request(self)
 
+    def slow(self, now):
+        """Below MIN_DATA_RATE now: a body arriving slower, or an answer not taken
+        for SLOW_AFTER_S (its send buffer is full: the client left it unread)."""
+        if self.writing_since is not None:
+            return now - self.writing_since > SLOW_AFTER_S
+        return self.reader.slow(now)
+
     def answer(self, status, payload, headers=()):
-        self.send_json(status, payload, headers)
         self.writing_since = time.monotonic()      # a client not reading it is evictable
+        self.send_json(status, payload, headers)
         self.wfile.flush()
         self.writing_since = None
 
@@ -744,6 +762,26 @@ class StrictRequestHandler(PaymentRequestHandler):
         log.error("client %s: " + format, self.client, *args, exc_info=True)
 
 
+def http2_refusal(rfile):
+    """An HTTP/2 client's answer: SETTINGS, then HTTP_1_1_REQUIRED on its first
+    stream (RST_STREAM: curl then retries over HTTP/1.1), or on the whole
+    connection (GOAWAY) when no request comes among its first frames."""
+    def frame(kind, stream, payload):
+        return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + struct.pack(">I", stream) + payload
+
+    with contextlib.suppress(HTTPError, *CLIENT_GONE):
+        if rfile.read(8) == b"\r\nSM\r\n\r\n":         # the rest of the preface
+            for _ in range(8):
+                head = rfile.read(9)
+                length = int.from_bytes(head[:3], "big")
+                if len(head) < 9 or length > 16384 or len(rfile.read(length)) < length:
+                    break
+                if head[3] == 1:                                # HEADERS: a request
+                    stream = struct.unpack(">I", head[5:])[0] & 0x7FFFFFFF
+                    return frame(4, 0, b"") + frame(3, stream, struct.pack(">I", 0xD))
+    return frame(4, 0, b"") + frame(7, 0, struct.pack(">II", 0, 0xD))
+
+
 def head_bytes(status, content_type, length, headers=(), connection=None):
     """An answer's status line and header fields."""
     lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
@@ -775,8 +813,8 @@ def clock():
 # max_connections are held. At the bound a newcomer is still answered: the
 # connection waiting longest outside a request (idle, or still sending its
 # head), else one sending its body or reading its answer for longer than
-# SLOW_GRACE_S, is closed to make room (nginx frees idle keep-alive
-# connections so); only when there is none, the newcomer gets a 503.
+# SLOW_AFTER_S below MIN_DATA_RATE, is closed to make room (nginx frees idle
+# keep-alive connections so); only when there is none, the newcomer gets a 503.
 
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     """Threads per connection within a bound, reused; a deep backlog; a graceful stop."""
@@ -816,6 +854,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error on the connection from %s", client_address[0])
+
+    def shutdown_request(self, request):
+        request.close()     # not shutdown(): the Lingerer's copy decides when input ends
 
     def observe(self, handler, status, size):
         for observer in self.observers:
@@ -862,7 +903,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
 
     def _evictable(self):
         """With the lock held: the connection to close for a newcomer, or None."""
-        slow_before, slow = time.monotonic() - SLOW_GRACE_S, None
+        now, slow = time.monotonic(), None
         for handler in self._connections:
             if handler.evicted:
                 continue
@@ -871,8 +912,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 if not handler.in_request:      # its request did not begin meanwhile
                     break
                 handler.evicted = False
-            since = handler.reader.body_since or handler.writing_since
-            if slow is None and since is not None and since < slow_before:
+            if slow is None and handler.slow(now):
                 slow = handler
         else:
             if slow is None:
@@ -1014,9 +1054,12 @@ class Lingerer:
         self._new, self._count = queue.SimpleQueue(), 0
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
-    def add(self, sock):
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_WR)
+    def add(self, sock, half_close=True):
+        """Linger on sock; half_close: send its end of input first (not to an HTTP/2
+        client, which takes that for an empty reply rather than retrying)."""
+        if half_close:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_WR)
         if self._count >= self.most:
             return sock.close()
         self._count += 1

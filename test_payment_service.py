@@ -1732,20 +1732,26 @@ def test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_thre
           f"RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
 
 
-def test_at_the_bound_with_every_connection_inside_a_request_503_at_once(spawn, broker):
-    svc = spawn(broker, MAX_CONNECTIONS=8, BODY_TIMEOUT_S=20, IDLE_TIMEOUT_S=20)
-    head = (f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 100\r\n\r\n{{").encode()
-    busy = open_slow_clients(svc.base, 8, head)                 # heads done, bodies pending
+def test_at_the_bound_with_every_connection_inside_a_request_503_at_once(spawn, tansu):
+    broker = tansu()
+    broker.create_topic()
+    svc = spawn(broker.bootstrap, MAX_CONNECTIONS=8, KAFKA_TIMEOUT_S=5)
+    assert request(svc.base, "POST", SUCCEED, payment_body(unique_order_id())).status == 200
+    broker.pause()                          # each mock-succeed now waits inside its request
     try:
-        time.sleep(0.3)
-        started = time.monotonic()
-        answer = request(svc.base, "GET", "/health", timeout_s=5)
-        assert time.monotonic() - started < 1.0
-        assert answer.status == 503 and answer.headers["connection"] == "close"
-        assert "requests are being handled" in answer.json()["detail"]
+        with ThreadPoolExecutor(8) as pool:
+            busy = [pool.submit(request, svc.base, "POST", SUCCEED, payment_body(unique_order_id()))
+                    for _ in range(8)]
+            time.sleep(0.5)
+            started = time.monotonic()
+            answer = request(svc.base, "GET", "/health", timeout_s=5)
+            assert time.monotonic() - started < 1.0
+            assert answer.status == 503 and answer.headers["connection"] == "close"
+            assert "requests are being handled" in answer.json()["detail"]
+            broker.resume()
+            assert {future.result().status for future in busy} <= {200, 503}
     finally:
-        close_all(busy)
+        broker.resume()
     wait_until(lambda: fresh_client_answered(svc.base)[0], 5, "served again once they left")
     assert svc.stop()[0] == 0
 
@@ -2055,7 +2061,7 @@ def test_log_writer_keeps_lines_whole_in_order_and_counts_what_it_drops(tmp_path
                                                                 "output could not take them")]
     assert len(kept) + len(dropped) == len(written)             # every line whole
     assert len(kept) + sum(dropped) == 16000                    # each kept or counted
-    assert (sum(dropped) > 0) == (most_queued == 50)
+    assert sum(dropped) > 0 or most_queued is None             # 50 cannot hold them all
     for t, ls in enumerate(lines):                              # each thread's lines in order
         mine = iter(ls)
         assert all(x in mine for x in kept if x.startswith(f"thread {t} "))
