@@ -172,8 +172,9 @@ def _object_without_duplicate_keys(pairs):
 
 
 def _parse_number(literal):
-    """The int a number literal equals when whole (2.0, 2e0), else a float; past
-    10**19 (1e999999999 too, checked first) a value just out of range."""
+    """The int a literal equals if whole (2.0, 2e0), else a float; past 10**19 out of range."""
+    if literal.isdigit() and len(literal) < 19:     # the common case, the quick way
+        return int(literal)
     try:
         value = decimal.Decimal(literal)
     except decimal.InvalidOperation:            # past even Decimal's exponent range
@@ -231,8 +232,7 @@ class Publisher:
         self.producer, self.timeout_s, self.kafka_error = producer, timeout_s, KafkaError
 
     def publish(self, payment):
-        """Send, flush, and return this record's RecordMetadata once acknowledged;
-        BrokerUnavailable (503) on any Kafka error or past timeout_s."""
+        """Send, flush, return this record's RecordMetadata once acknowledged; else 503."""
         key, value = payment_succeeded_record(payment)
         deadline = time.monotonic() + self.timeout_s
         try:
@@ -529,8 +529,7 @@ KERNEL_SOCKET_TIMEOUTS = sys.platform.startswith("linux")   # a timeval means th
 
 def set_socket_timeouts(sock, receive_s, send_s=None):
     """Make a recv (or a send, send_s) waiting longer fail: in the kernel where
-    it can (SO_RCVTIMEO), since settimeout() polls before every call, which
-    cost a quarter of the throughput."""
+    it can (SO_RCVTIMEO), since settimeout() adds a poll() before every call."""
     if not KERNEL_SOCKET_TIMEOUTS:
         return sock.settimeout(receive_s)
     for option, seconds in ((socket.SO_RCVTIMEO, receive_s), (socket.SO_SNDTIMEO, send_s)):
@@ -767,7 +766,8 @@ def http2_refusal(rfile):
     stream (RST_STREAM: curl then retries over HTTP/1.1), or on the whole
     connection (GOAWAY) when no request comes among its first frames."""
     def frame(kind, stream, payload):
-        return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + struct.pack(">I", stream) + payload
+        return len(payload).to_bytes(3, "big") + bytes([kind, 0]) + struct.pack(">I", stream) \
+            + payload
 
     with contextlib.suppress(HTTPError, *CLIENT_GONE):
         if rfile.read(8) == b"\r\nSM\r\n\r\n":         # the rest of the preface
@@ -784,7 +784,7 @@ def http2_refusal(rfile):
 
 def head_bytes(status, content_type, length, headers=(), connection=None):
     """An answer's status line and header fields."""
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+    lines = [f"HTTP/1.1 {status} {PaymentRequestHandler.responses[status][0]}",
              f"Server: {PaymentRequestHandler.server_version}", f"Date: {clock()[0]}",
              f"Content-Type: {content_type}", f"Content-Length: {length}",
              *(f"{name}: {value}" for name, value in headers),
@@ -1386,7 +1386,7 @@ class LogWriter(logging.Handler):
         queued = len(self._lines)
         if queued < self.most_queued:
             self._lines.append(line)
-            if queued > self.most_queued // 4:
+            if queued > self.most_queued // 4 and not self._wake.is_set():
                 self._wake.set()                # write them now, not at the next interval
         else:
             self.dropped += 1
@@ -1410,15 +1410,15 @@ class LogWriter(logging.Handler):
             lines.append(f"{self.dropped} log lines dropped: the output could not take them")
             self.dropped = 0
         data = "".join(f"{line}\n" for line in lines).encode("utf-8", "backslashreplace")
-        poller = select.poll()
+        poller, start = select.poll(), 0
         poller.register(self._fd, select.POLLOUT)
-        while data:
+        while start < len(data):
             if not poller.poll(wait_s * 1000):
-                self.dropped += data.count(b"\n")
+                self.dropped += data.count(b"\n", start)
                 return
-            end = data.rfind(b"\n", 0, self.chunk) + 1 or self.chunk    # whole lines
-            try:
-                data = data[os.write(self._fd, data[:end]):]
+            end = data.rfind(b"\n", start, start + self.chunk) + 1 or start + self.chunk
+            try:                                # whole lines, no copy of the rest
+                start += os.write(self._fd, memoryview(data)[start:end])
             except BlockingIOError:
                 continue
             except OSError:                     # the output is gone: nothing better to do

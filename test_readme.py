@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import pytest
 
-from test_payment_service import ServiceProcess, Tansu, free_port
+from conftest import ServiceProcess, Tansu, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 COMMAND_TIMEOUT_S = 60

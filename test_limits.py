@@ -1,7 +1,6 @@
-"""Issue 18, a budget for everything a client can hold: memory, connection slots and the log.
-
-Draft, to be merged into test_payment_service.py; the shared helpers and the
-fixtures (broker, spawn, tansu) come from conftest.py. Every test runs the real
+"""Limits and hostile clients: a budget for everything a client can hold (memory,
+connection slots, the log), the README's "Limits" and docs/limits.md, held against
+attacks. The shared helpers and fixtures come from conftest.py. Every test runs the real
 service process; the attacks run on loopback, bounded in connections and
 seconds, and stop by themselves.
 
@@ -35,8 +34,8 @@ from conftest import (
     payment_body, raw_exchange, read_until_closed, request, rss_mib, unique_order_id, wait_until)
 
 ANSWER_WITHIN_S = 2.0        # a fresh client is "answered" with a 200 within this
-MEMORY_LIMIT = 256 << 20     # the issue's memory cgroup
-ATTACK_S = 30                # each memory attack lasts this long (the issue)
+MEMORY_LIMIT = 256 << 20     # the memory cgroup the attacks run in
+ATTACK_S = 30                # each memory attack lasts this long
 SLOW_ATTACK_S = 20           # the slow-body and slow-reading attacks, once all connected
 
 
@@ -292,7 +291,7 @@ def head_of(lines):
 
 
 # ---------------------------------------------------------------------------
-# Memory: the issue's two head attacks and the worst case held, in 256 MiB
+# Memory: two head attacks and the worst case held, in 256 MiB
 # ---------------------------------------------------------------------------
 # Each line is ~64 KiB (under the old per-line limit), 100 lines a head: 6.4 MB.
 # The new service refuses such a head with 431 at 32 KiB; the attack goes on
