@@ -1051,7 +1051,7 @@ class Lingerer:
     most, linger_s, quiet_s = 256, 10.0, 1.0    # nginx: lingering_time 30 s, _timeout 5 s
 
     def __init__(self):
-        self._new, self._count = queue.SimpleQueue(), 0
+        self._new = queue.SimpleQueue()
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
     def add(self, sock, half_close=True):
@@ -1060,9 +1060,6 @@ class Lingerer:
         if half_close:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-        if self._count >= self.most:
-            return sock.close()
-        self._count += 1
         self._new.put(sock)
 
     def _run(self):
@@ -1073,6 +1070,9 @@ class Lingerer:
                     sock = self._new.get(block=not ends)
                     if sock is None:                    # stop()
                         return
+                    if len(ends) >= self.most:          # past this, close at once
+                        sock.close()
+                        continue
                     selector.register(sock, selectors.EVENT_READ)
                     now = time.monotonic()
                     ends[sock] = (now + self.linger_s, now + self.quiet_s)
@@ -1093,7 +1093,6 @@ class Lingerer:
                 selector.unregister(sock)
                 del ends[sock]
                 sock.close()
-                self._count -= 1
 
     def stop(self):
         self._new.put(None)
