@@ -837,6 +837,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self._connections = {}      # handler -> None, the longest waiting first
         self._lock = threading.Lock()
         self._queued = self._spare = self._thread_count = self._threads_peak = 0
+        self._closing = 0           # evicted, and their threads not yet done with them
+        self._closed = threading.Condition(self._lock)
         self._handoff = queue.SimpleQueue()
         self.refusals = Episodes("refusing connections", "accepting connections again")
         self.lingerer = Lingerer()
@@ -883,7 +885,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
 
     def untrack(self, handler):
         with self._lock:
-            self._connections.pop(handler, None)
+            if self._connections.pop(handler, 0) is not None:    # it was evicted
+                self._closing -= 1
+                self._closed.notify()
 
     def begin_request(self, handler):
         """A whole head is in: no longer evicted as idle. No lock: the handler
@@ -919,6 +923,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 return None
             handler, handler.evicted = slow, True
         del self._connections[handler]
+        self._closing += 1
         return handler
 
     def _handle_request_noblock(self):
@@ -932,6 +937,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             self.process_request(request, client_address)
             if self._queued > self.queued_ahead:    # on one CPU the threads starved
                 time.sleep(0.001)
+            if self._closing > 8:       # let the evicted close before more descriptors come
+                with self._lock:
+                    self._closed.wait_for(lambda: self._closing <= 8, timeout=0.5)
 
     def process_request(self, request, client_address):
         """Hand the connection to a spare or new thread; make room, or refuse."""
