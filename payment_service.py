@@ -445,25 +445,14 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # Layer 1. Strict HTTP: RFC 9112 parsing, a budget for the head, deadlines
 # ===========================================================================
 # Keeps "every answer is JSON, bad input a clear 4xx, and no client holds a
-# thread or memory past a bound" (README: Endpoints; docs/limits.md). The
-# stdlib parses heads leniently, waits on a silent client for its timeout,
-# reads no chunked body and knows no proxy. Here a head must fit
-# MAX_HEAD_BYTES and arrive within HEADER_TIMEOUT_S of its first byte; a body
-# (Content-Length or chunked) fits MAX_BODY_BYTES and arrives within
-# BODY_TIMEOUT_S and, past SLOW_GRACE_S, at MIN_DATA_RATE; the client's address
-# comes from a trusted proxy; HTTP/2 clients are told to use HTTP/1.1.
-
-class RequestTimeout(HTTPError):
-    def __init__(self, detail):
-        super().__init__(408, detail)
-
+# thread or memory past a bound" (README: Endpoints; docs/limits.md). A head
+# fits MAX_HEAD_BYTES and arrives within HEADER_TIMEOUT_S of its first byte; a
+# body, by Content-Length or chunked, fits MAX_BODY_BYTES within BODY_TIMEOUT_S
+# and MIN_DATA_RATE; a trusted proxy names the client; HTTP/2 is told no.
 
 class DeadlineReader(io.RawIOBase):
-    """The connection's input, read under the idle timeout and a deadline.
-
-    A client sending a byte now and then never lets one read wait long, so the
-    deadline is checked around each; a read closer to its deadline than the
-    idle timeout waits only until the deadline."""
+    """The connection's input under the idle timeout and a deadline, checked
+    around each read: a client sending a byte now and then never waits long."""
 
     def __init__(self, sock, idle_timeout_s, header_timeout_s):
         self._sock, self._idle_s, self._header_s = sock, idle_timeout_s, header_timeout_s
@@ -520,8 +509,8 @@ class DeadlineReader(io.RawIOBase):
 
     def _expired(self):
         if self.body_since is not None and time.monotonic() < self._deadline:
-            return RequestTimeout(f"body arriving slower than {MIN_DATA_RATE} bytes/s")
-        return RequestTimeout(f"{self._what} not received in full within {self._timeout_s:g} s")
+            return HTTPError(408, f"body arriving slower than {MIN_DATA_RATE} bytes/s")
+        return HTTPError(408, f"{self._what} not received in full within {self._timeout_s:g} s")
 
 
 KERNEL_SOCKET_TIMEOUTS = sys.platform.startswith("linux")   # a timeval means that only here
@@ -538,9 +527,8 @@ def set_socket_timeouts(sock, receive_s, send_s=None):
                 "ll", int(seconds), int(seconds % 1 * 1_000_000)))
 
 
-# A header field line (RFC 9112 5): a token, a colon, the value between
-# optional SP/HTAB; a bare CR, LF or NUL makes it no match. Possessive
-# quantifiers keep it linear.
+# A header field line (RFC 9112 5): token, colon, value; no bare CR, LF or NUL.
+# Possessive quantifiers keep the match linear.
 FIELD_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]++):[ \t]*+([^\r\n\x00]*+)\r?\n")
 CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,8})[ \t]*(?:;[^\r\n]*)?\r?\n")
 CONTROL_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")     # HTAB aside
@@ -552,14 +540,11 @@ CLIENT_GONE = (ConnectionError, TimeoutError, BlockingIOError)
 class StrictRequestHandler(PaymentRequestHandler):
     """The lesson's handler, reading requests by RFC 9112 with limits and deadlines."""
 
-    disable_nagle_algorithm = True   # no 40 ms Nagle/delayed-ACK stall
-
     def setup(self):
-        self.connection = self.request
+        self.connection = self.request      # Nagle off: no 40 ms delayed-ACK stall
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        # Answers are small: a client that does not read them fills this soon (not
-        # megabytes of kernel memory later), and when it takes nothing for
-        # 2 * SLOW_GRACE_S it is below any rate.
+        # A client not reading its answers fills a small buffer soon, not megabytes
+        # of kernel memory later; taking nothing for 2 * SLOW_GRACE_S, it is below any rate.
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         set_socket_timeouts(self.connection, self.server.idle_timeout_s, 2 * SLOW_GRACE_S)
         self.reader = DeadlineReader(self.connection, self.server.idle_timeout_s,
@@ -595,7 +580,7 @@ class StrictRequestHandler(PaymentRequestHandler):
             raw = self.rfile.readline(MAX_HEAD_BYTES + 1)
             if raw in (b"\r\n", b"\n"):     # RFC 9112 2.2: one empty line first is ignored
                 raw = self.rfile.readline(MAX_HEAD_BYTES + 1)
-        except RequestTimeout as exc:       # bytes trickled in, no request line in time
+        except HTTPError as exc:            # bytes trickled in, no request line in time
             self.started = time.perf_counter()
             return self.answer(exc.status, {"detail": exc.detail})
         if not raw.endswith(b"\n") and len(raw) <= MAX_HEAD_BYTES:
@@ -792,15 +777,15 @@ def head_bytes(status, content_type, length, headers=(), connection=None):
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def clock():
+    """(the Date header, the log's time), formatted once a second, not per request."""
+    return _clock(int(time.time()))
+
+
 @functools.lru_cache(maxsize=1)
 def _clock(second):
     return (email.utils.formatdate(second, usegmt=True),
             time.strftime("%d/%b/%Y %H:%M:%S", time.localtime(second)))
-
-
-def clock():
-    """(the Date header, the log's time), formatted once a second, not per request."""
-    return _clock(int(time.time()))
 
 
 # ===========================================================================
@@ -809,12 +794,10 @@ def clock():
 # Keeps "fresh clients are answered during floods of idle, slow or hostile
 # connections, within the descriptors, tasks and memory the container allows,
 # and a stop answers what is in flight" (README: More; docs/limits.md). Each
-# connection keeps a thread, and threads are what run out, so at most
-# max_connections are held. At the bound a newcomer is still answered: the
-# connection waiting longest outside a request (idle, or still sending its
-# head), else one sending its body or reading its answer for longer than
-# SLOW_AFTER_S below MIN_DATA_RATE, is closed to make room (nginx frees idle
-# keep-alive connections so); only when there is none, the newcomer gets a 503.
+# connection keeps a thread, so at most max_connections are held. At the bound
+# the connection waiting longest outside a request (idle, or sending its head),
+# else one below MIN_DATA_RATE, is closed to make room for a newcomer (as nginx
+# frees idle keep-alive connections); only when there is none, it gets a 503.
 
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     """Threads per connection within a bound, reused; a deep backlog; a graceful stop."""
@@ -1051,10 +1034,9 @@ def shutdown_quietly(sock):
 
 
 class Lingerer:
-    """Closes connections after their last answer, one thread for all: it
-    reads and drops what the client still sends first, as nginx's lingering
-    close does, because closing a socket with unread input makes the kernel
-    send a reset, which can destroy the answer before a client or proxy reads it."""
+    """Closes connections after their last answer, one thread for all, reading
+    and dropping what the client still sends first (nginx's lingering close):
+    closed with input unread, a socket sends a reset that can destroy the answer."""
 
     most, linger_s, quiet_s = 256, 10.0, 1.0    # nginx: lingering_time 30 s, _timeout 5 s
 
@@ -1180,10 +1162,9 @@ def cgroup_limit(controller, file_name):
 # ===========================================================================
 # Keeps "200 only on this record's own acknowledgement, 503 within
 # KAFKA_TIMEOUT_S, at most MAX_PENDING_EVENTS waiting" (README: Delivery
-# guarantees) at the kafka-python ceiling (bench/README.md). The lesson's
-# publish() flushes once per request; here one publisher thread takes every
-# record waiting, sends them all, flushes once and settles each request from
-# its own record's future: the same three steps, once per group.
+# guarantees) at the kafka-python ceiling (bench/README.md). One publisher thread
+# takes every record waiting, sends them all, flushes once and settles each
+# request from its own record's future: the lesson's three steps, once per group.
 
 class GroupCommitPublisher(Publisher):
     """The lesson's Publisher as a group commit, with a bound on pending events
@@ -1329,16 +1310,14 @@ class _Publication:
         self.settled.acquire()
 
 
-# The sender may hold a record this long before sending it unasked; the flush
-# sends at once, so no event waits, but a group's first records do not leave alone.
+# How long the sender may hold a record unasked: a flush sends at once, so no event
+# waits, but a group's first records do not leave alone.
 GROUP_LINGER_MS = 5
 
 
 def cpu_choice(name, text):
-    """PIN_CPU: "auto", "off", or a CPU this process may run on. On one CPU the
-    GIL's passes between a request's threads are plain context switches, not
-    wake-ups on the other CPU (bench/README.md); "auto" keeps the CPU the
-    process started on, so instances on one host spread."""
+    """PIN_CPU: "auto" (the CPU the process starts on: instances on a host spread),
+    "off", or a CPU this process may run on (why one CPU: bench/README.md)."""
     value = text.strip().lower()
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if value in ("auto", "off") or value.isascii() and value.isdigit() and int(value) in allowed:
@@ -1370,11 +1349,9 @@ def current_cpu():
 
 
 class LogWriter(logging.Handler):
-    """Lines for stdout or stderr, written by a thread of their own a few times
-    a second: a request only appends to a deque. The thread waits at most a
-    moment for the output to take more, so a reader that stopped reading costs
-    lines (dropped and counted, then said in one line), never a blocked request
-    or a stop that hangs. Also a logging handler."""
+    """Lines for stdout or stderr (also a logging handler), written by a thread
+    of their own a few times a second: a request only appends to a deque. An
+    output that takes nothing costs lines (counted, then said), never a request."""
 
     most_queued = 10_000
     chunk = 4096                # PIPE_BUF: a pipe that polls writable takes it whole
