@@ -1429,10 +1429,9 @@ def access_log_line(handler, status, size):
 # ===========================================================================
 # Layer 4. Self-description: /openapi.json, /docs, /metrics, the event log
 # ===========================================================================
-# Keeps "the API document is derived from the routing table and the rules, so
-# it cannot drift, and the metrics count every answer and event exactly"
-# (README: More; docs/observability.md). They plug in as routes and as
-# observers of the server (each answer) and of the publisher (each event).
+# Keeps "the API document is derived from the routing table and the rules, so it cannot drift,
+# and the metrics count every answer and event exactly" (README: More; docs/observability.md).
+# They plug in as routes and as observers of the server (each answer) and publisher (each event).
 
 class Document(NamedTuple):
     """An answer that is not a JSON object built per request: sent as is."""
@@ -1468,16 +1467,12 @@ def metrics(server, body):
     return server.metrics.answer(server)
 
 
-SELF_DESCRIPTION_ROUTES = {
-    "/openapi.json": {"GET": openapi_document, "HEAD": openapi_document},
-    "/docs": {"GET": swagger_ui, "HEAD": swagger_ui},
-    "/metrics": {"GET": metrics, "HEAD": metrics},
-}
+SELF_DESCRIPTION_ROUTES = {path: {"GET": route, "HEAD": route} for path, route in [
+    ("/openapi.json", openapi_document), ("/docs", swagger_ui), ("/metrics", metrics)]}
 ALL_ROUTES = {**ROUTES, **SELF_DESCRIPTION_ROUTES}
 STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
-# What the document says of a route beyond its docstring: answer, the schema of
-# its 200 body (or media_type); payment_body, it reads a Payment; publishes, it
-# waits for Kafka. A route without notes stops build_api_document(), and a test.
+# What the document says of a route beyond its docstring: answer, the schema of its 200
+# body (or media_type); payment_body, it reads a Payment; publishes, it waits for Kafka.
 API_NOTES = {
     "health": {"answer": STATUS_OK},
     "service_info": {"answer": {
@@ -1490,17 +1485,15 @@ API_NOTES = {
     "mock_succeed": {"answer": STATUS_OK, "payment_body": True, "publishes": True},
     "openapi_document": {"answer": {"type": "object", "required": ["openapi", "info", "paths"]}},
     "swagger_ui": {"media_type": "text/html"},
-    "metrics": {"media_type": PROMETHEUS_TEXT},
-}
-INT64_RULE = ("a JSON integer (not a boolean, fraction or string); a whole number "
-              "written as 2.0 or 2e0 is that integer")
+    "metrics": {"media_type": PROMETHEUS_TEXT}}
+INT64_SCHEMA = {"type": "integer", "minimum": 1, "maximum": MAX_ID, "description": "a JSON "
+                "integer (not a boolean, fraction or string); a whole number written as 2.0 or "
+                "2e0 is that integer"}
 PAYMENT_SCHEMA = {
     "type": "object", "description": "Unknown keys are allowed and ignored.",
     "required": ["order_id", "amount_cents", "currency"], "additionalProperties": True,
     "properties": {
-        "order_id": {"type": "integer", "minimum": 1, "maximum": MAX_ID, "description": INT64_RULE},
-        "amount_cents": {"type": "integer", "minimum": 1, "maximum": MAX_ID,
-                         "description": INT64_RULE},
+        "order_id": INT64_SCHEMA, "amount_cents": INT64_SCHEMA,
         # the lengths too: a Python-flavoured '$' also matches before a final newline
         "currency": {"type": "string", "minLength": 3, "maxLength": 3, "pattern": "^[A-Za-z]{3}$",
                      "description": "three ASCII letters, any case; upper-cased in the event"}}}
@@ -1508,45 +1501,42 @@ PAYMENT_EXAMPLE = {"order_id": 123, "amount_cents": 25998, "currency": "USD"}
 
 
 def api_notes(function):
-    """API_NOTES for a route, the defaults filled in."""
+    """API_NOTES for a route (a route without notes stops the document), the defaults filled in."""
     return {"answer": None, "media_type": "application/json", "payment_body": False,
             "publishes": False, **API_NOTES[function.__name__]}
 
 
 def error_statuses(method, function):
     """{status: when} for every error answer a request to this operation can get."""
-    notes, post = api_notes(function), method == "POST"
+    notes, post = api_notes(function), method == "POST"     # dispatch() reads every POST's body
+    body, publishes = notes["payment_body"], notes["publishes"]
     errors = {
         400: "a malformed request line or header line, control characters in the request "
              "line, or an HTTP/1.1 request without exactly one Host" + post * (
                  "; Content-Length not a non-negative integer, both Content-Length and "
-                 "Transfer-Encoding, or a malformed chunked body"),
+                 "Transfer-Encoding, or a malformed chunked body") + body * (
+                 "; the body is not a UTF-8 JSON object (or is nested too deeply, "
+                 "holds NaN or Infinity, or a duplicate key)"),
         404: "no route for the path (only paths missing from this document)",
         405: "a method the path does not have (only methods missing from this document); "
              "Allow lists the path's methods",
         408: "the request head did not arrive within HEADER_TIMEOUT_S of its first byte" +
              post * f", or the body not within BODY_TIMEOUT_S or slower than {MIN_DATA_RATE} B/s",
+        411: post * "neither Content-Length nor Transfer-Encoding: chunked",
+        413: post * f"a body larger than {MAX_BODY_BYTES} bytes",
         414: f"a request line longer than {MAX_HEAD_BYTES} bytes",
+        415: post * "a Content-Type other than application/json (parameters allowed)",
+        422: body * "a field is missing, of the wrong type or out of range",
         431: f"a request head larger than {MAX_HEAD_BYTES} bytes, or more than {MAX_HEADERS} "
              f"header fields",
         500: "an unexpected error (the traceback goes to the server's log)",
+        501: post * "a transfer coding other than chunked",
         503: "MAX_CONNECTIONS connections are held and none is idle or slow" +
-             (function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)",
-        505: "an HTTP version other than 1.0 or 1.1",
-    }
-    if post:                                    # dispatch() reads a body for every POST
-        errors.update({411: "neither Content-Length nor Transfer-Encoding: chunked",
-                       413: f"a body larger than {MAX_BODY_BYTES} bytes",
-                       415: "a Content-Type other than application/json (parameters allowed)",
-                       501: "a transfer coding other than chunked"})
-    if notes["payment_body"]:
-        errors[400] += ("; the body is not a UTF-8 JSON object (or is nested too deeply, "
-                        "holds NaN or Infinity, or a duplicate key)")
-        errors[422] = "a field is missing, of the wrong type or out of range"
-    if notes["publishes"]:
-        errors[503] += ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
-                        "MAX_PENDING_EVENTS events are already waiting for it")
-    return dict(sorted(errors.items()))
+             (function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
+             publishes * ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
+                          "MAX_PENDING_EVENTS events are already waiting for it"),
+        505: "an HTTP version other than 1.0 or 1.1"}
+    return {status: when for status, when in errors.items() if when}
 
 
 def describe_operation(path, method, function):
@@ -1601,24 +1591,25 @@ CONNECTION_REFUSALS = ("max_connections", "no_thread", "no_descriptor")
 
 
 class Histogram:
-    def __init__(self):
-        self.counts, self.sum = [0] * (len(BUCKETS) + 1), 0.0     # the last bucket: +Inf
+    """How many values fell in each bucket of BUCKETS (then +Inf), and their sum."""
+
+    def __init__(self, counts=(0,) * (len(BUCKETS) + 1), total=0.0):
+        self.counts, self.sum = list(counts), total
 
     def observe(self, value):
         self.counts[bisect.bisect_left(BUCKETS, value)] += 1
         self.sum += value
 
-    def samples(self, name, label):
-        """Cumulative _bucket lines, then _sum and _count."""
+    def samples(self, label):
+        """Cumulative _bucket samples, then _sum and _count (each less the metric's name)."""
         totals = list(itertools.accumulate(self.counts))
-        return [*(f'{name}_bucket{{{label},le="{bound}"}} {total}'
+        return [*(f'_bucket{{{label},le="{bound}"}} {total}'
                   for bound, total in zip((*map(repr, BUCKETS), "+Inf"), totals)),
-                f"{name}_sum{{{label}}} {self.sum!r}", f"{name}_count{{{label}}} {totals[-1]}"]
+                f"_sum{{{label}}} {self.sum!r}", f"_count{{{label}}} {totals[-1]}"]
 
 
 class Metrics:
-    """The counters, exact (every update holds the lock; bench/README.md has its
-    cost), rendered in Prometheus text format 0.0.4 on a scrape."""
+    """Exact counters (each update holds the lock; bench/README.md has its cost) for /metrics."""
 
     def __init__(self, routes):
         self._lock = threading.Lock()
@@ -1631,11 +1622,10 @@ class Metrics:
     def observe_request(self, handler, status, size):
         """A server observer: one answer."""
         seconds = time.perf_counter() - handler.started
-        route = handler.path.partition("?")[0] if handler.command else UNMATCHED
+        path = handler.path.partition("?")[0]
+        route = path if handler.command and path in self._durations else UNMATCHED
         method = handler.command if handler.command in METHODS else "other"
         with self._lock:
-            if route not in self._durations:
-                route = UNMATCHED
             self._requests[route, method, status] += 1
             self._durations[route].observe(seconds)
 
@@ -1652,23 +1642,17 @@ class Metrics:
         """The /metrics answer: a consistent copy under the lock, rendered outside it."""
         with self._lock:
             requests, events = sorted(self._requests.items()), dict(self._events)
-            histograms = [(f'route="{route}"', "payment_http_request_duration_seconds",
-                           list(h.counts), h.sum) for route, h in self._durations.items()]
-            histograms += [(f'outcome="{outcome}"', "payment_publish_duration_seconds",
-                            list(h.counts), h.sum) for outcome, h in self._publish.items()]
+            durations = {r: Histogram(h.counts, h.sum) for r, h in self._durations.items()}
+            publish = {o: Histogram(h.counts, h.sum) for o, h in self._publish.items()}
             broker_available = self._broker_available
-        samples = collections.defaultdict(list)
-        for label, name, counts, total in histograms:
-            copy = Histogram()
-            copy.counts, copy.sum = counts, total
-            samples[name] += copy.samples(name, label)
         families = [
-            ("payment_http_requests_total", "counter", "HTTP requests answered, by route "
-             "(unmatched: a path not in the routing table), method (other: an unknown one) "
-             "and status.", [f'{{route="{r}",method="{m}",status="{s}"}} {n}'
-                             for (r, m, s), n in requests]),
+            ("payment_http_requests_total", "counter",
+             "HTTP requests answered, by route (unmatched: a path not in the routing table), "
+             "method (other: an unknown one) and status.",
+             [f'{{route="{r}",method="{m}",status="{s}"}} {n}' for (r, m, s), n in requests]),
             ("payment_http_request_duration_seconds", "histogram", "Time from reading the "
-             "request line to the answer written, by route.", None),
+             "request line to the answer written, by route.",
+             [s for r, h in durations.items() for s in h.samples(f'route="{r}"')]),
             ("payment_http_connections_refused_total", "counter", "Connections answered 503 "
              "and closed without a request being read, by reason.",
              [f'{{reason="{r}"}} {server.refusals.counts[r]}' for r in CONNECTION_REFUSALS]),
@@ -1678,7 +1662,8 @@ class Metrics:
              "acknowledged (answered 503), by reason.",
              [f'{{reason="{r}"}} {events.get(r, 0)}' for r in EVENT_REFUSALS]),
             ("payment_publish_duration_seconds", "histogram", "Time from publishing an event "
-             "to its acknowledgement or refusal, by outcome.", None),
+             "to its acknowledgement or refusal, by outcome.",
+             [s for o, h in publish.items() for s in h.samples(f'outcome="{o}"')]),
             ("payment_events_pending", "gauge", "Events sent to Kafka and not yet "
              "acknowledged or failed.", [f" {server.publisher.pending}"]),
             ("payment_kafka_broker_available", "gauge", "1 if the last publish was "
@@ -1690,7 +1675,7 @@ class Metrics:
         lines = []
         for name, kind, help_text, values in families:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}",
-                      *(samples[name] if values is None else (name + v for v in values))]
+                      *(name + value for value in values)]
         return Document(PROMETHEUS_TEXT, ("\n".join(lines) + "\n").encode())
 
 
@@ -1751,48 +1736,44 @@ def ca_file(name, path):
     if not path.strip():
         return ""
     try:
-        context = ssl.create_default_context(cafile=path.strip())
+        if ssl.create_default_context(cafile=path.strip()).cert_store_stats()["x509"]:
+            return path.strip()
     except FileNotFoundError:
         raise SystemExit(f"{name}={path!r}: no such file") from None
-    except (ssl.SSLError, ValueError):            # read, but no certificate in it
-        context = None                            # (SSLError is an OSError: first)
-    except OSError as exc:                        # PermissionError, IsADirectoryError, ...
+    except (ssl.SSLError, ValueError):      # no certificate in it (SSLError is an OSError: first)
+        pass
+    except OSError as exc:                  # PermissionError, IsADirectoryError, ...
         raise SystemExit(f"{name}={path!r} cannot be read: "
                          f"{exc.strerror or type(exc).__name__}") from None
-    if context is None or not context.cert_store_stats()["x509"]:
-        raise SystemExit(f"{name}={path!r} is not a PEM certificate file")
-    return path.strip()
+    raise SystemExit(f"{name}={path!r} is not a PEM certificate file")
+
+
+# Settings that only some protocols use: (kafka-python's keyword, what it needs, those protocols)
+SASL_PROTOCOLS = ("SASL_SSL", "SASL_PLAINTEXT")
+PROTOCOL_SETTINGS = {
+    "KAFKA_SSL_CAFILE": ("ssl_cafile", "TLS", ("SSL", "SASL_SSL")),
+    "KAFKA_SASL_MECHANISM": ("sasl_mechanism", "SASL", SASL_PROTOCOLS),
+    "KAFKA_SASL_USERNAME": ("sasl_plain_username", "SASL", SASL_PROTOCOLS),
+    "KAFKA_SASL_PASSWORD": ("sasl_plain_password", "SASL", SASL_PROTOCOLS)}
 
 
 def kafka_client_settings(config):
-    """(KafkaProducer keyword arguments, words for the start-up line) from the
-    security settings, checked together."""
+    """(KafkaProducer keyword arguments, start-up words): the security settings, checked."""
     protocol = config.kafka_security_protocol or "PLAINTEXT"
     settings = {"security_protocol": protocol, "client_id": config.kafka_client_id}
-    words = protocol
-    if config.kafka_ssl_cafile:
-        if "SSL" not in protocol:
-            raise SystemExit(f"KAFKA_SSL_CAFILE is set but KAFKA_SECURITY_PROTOCOL={protocol} "
-                             f"does not use TLS; use SSL or SASL_SSL, or unset KAFKA_SSL_CAFILE")
-        settings["ssl_cafile"] = config.kafka_ssl_cafile
-        words += f" (CA file {config.kafka_ssl_cafile})"
-    sasl = {"KAFKA_SASL_MECHANISM": config.kafka_sasl_mechanism,
-            "KAFKA_SASL_USERNAME": config.kafka_sasl_username,
-            "KAFKA_SASL_PASSWORD": config.kafka_sasl_password}
-    given = [name for name, value in sasl.items() if value]
-    if not protocol.startswith("SASL_"):
-        if given:
-            raise SystemExit(f"{given[0]} is set but KAFKA_SECURITY_PROTOCOL={protocol} does "
-                             f"not use SASL; use SASL_SSL or SASL_PLAINTEXT, or unset {given[0]}")
-        return settings, words
-    missing = [name for name in sasl if name not in given]
-    if missing:
-        raise SystemExit(f"{missing[0]} is required when KAFKA_SECURITY_PROTOCOL={protocol}")
-    settings.update(sasl_mechanism=config.kafka_sasl_mechanism,
-                    sasl_plain_username=config.kafka_sasl_username,
-                    sasl_plain_password=config.kafka_sasl_password)
-    return settings, f"{words}, {config.kafka_sasl_mechanism} as user " \
-                     f"{config.kafka_sasl_username!r}"
+    for name, (keyword, needs, protocols) in PROTOCOL_SETTINGS.items():
+        value = getattr(config, name.lower())
+        if value and protocol not in protocols:
+            raise SystemExit(f"{name} is set but KAFKA_SECURITY_PROTOCOL={protocol} does not "
+                             f"use {needs}; use {' or '.join(protocols)}, or unset {name}")
+        if not value and needs == "SASL" and protocol in protocols:     # SASL needs all three
+            raise SystemExit(f"{name} is required when KAFKA_SECURITY_PROTOCOL={protocol}")
+        if value:
+            settings[keyword] = value
+    words = protocol + (f" (CA file {config.kafka_ssl_cafile})" if config.kafka_ssl_cafile else "")
+    if protocol in SASL_PROTOCOLS:
+        words += f", {config.kafka_sasl_mechanism} as user {config.kafka_sasl_username!r}"
+    return settings, words
 
 
 # ===========================================================================
@@ -1811,16 +1792,11 @@ def switch(name, text):
 def networks(name, text):
     """FORWARDED_ALLOW_IPS: "*", or addresses and networks separated by commas."""
     try:
-        return "*" if text.strip() == "*" else [
-            ipaddress.ip_network(part.strip(), strict=False) for part in text.split(",")
-            if part.strip()]
+        return "*" if text.strip() == "*" else [ipaddress.ip_network(part.strip(), strict=False)
+                                                for part in text.split(",") if part.strip()]
     except ValueError:
         raise SystemExit(f"{name}={text!r} is not *, nor IP addresses or networks "
                          f"separated by commas") from None
-
-
-def as_is(name, text):
-    return text
 
 
 LAYER_SETTINGS = [
@@ -1842,7 +1818,7 @@ LAYER_SETTINGS = [
      "run every thread on one CPU: auto (the one it starts on), a number, or off"),
     ("ACCESS_LOG", "1", switch, "one line per request on stderr; 0 turns it off"),
     ("EVENT_LOG", "1", switch, "one line per acknowledged event (partition, offset); 0: off"),
-    ("SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", as_is,
+    ("SWAGGER_UI_URL", "https://cdn.jsdelivr.net/npm/swagger-ui-dist@5", lambda name, text: text,
      "where /docs loads Swagger UI's assets from"),
     ("KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", one_of("PLAINTEXT", "SSL", "SASL_PLAINTEXT",
                                                     "SASL_SSL"),
@@ -1853,8 +1829,7 @@ LAYER_SETTINGS = [
      "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"),
     ("KAFKA_SASL_USERNAME", "", printable, "SASL user name"),
     ("KAFKA_SASL_PASSWORD", "", secret, "SASL password (never printed)"),
-    ("KAFKA_CLIENT_ID", "payment-service", printable, "the client id the broker sees"),
-]
+    ("KAFKA_CLIENT_ID", "payment-service", printable, "the client id the broker sees")]
 ALL_SETTINGS = SETTINGS + LAYER_SETTINGS
 
 
@@ -1870,8 +1845,7 @@ def usage():
 
 
 def unhealthy_when_stopping(health):
-    """The health route, 503 once a stop was asked for (SHUTDOWN_DELAY_S):
-    a load balancer's health check takes the instance out before it stops."""
+    """health, but 503 once a stop is coming: a load balancer takes the instance out first."""
     @functools.wraps(health)
     def route(server, body):
         if server.draining:
@@ -1883,12 +1857,10 @@ def unhealthy_when_stopping(health):
 def build_server(config, publisher, log_writer):
     """The layers put together: the server, its routes and its observers."""
     routes = {path: {method: unhealthy_when_stopping(f) if f is health else f
-                     for method, f in methods.items()}
-              for path, methods in ALL_ROUTES.items()}
-    server = PaymentHTTPServer(
-        (config.host, config.port), publisher, routes, config.idle_timeout_s,
-        config.max_connections, config.header_timeout_s, config.body_timeout_s,
-        config.forwarded_allow_ips)
+                     for method, f in methods.items()} for path, methods in ALL_ROUTES.items()}
+    server = PaymentHTTPServer((config.host, config.port), publisher, routes, config.idle_timeout_s,
+                               config.max_connections, config.header_timeout_s,
+                               config.body_timeout_s, config.forwarded_allow_ips)
     server.swagger_ui_url, server.metrics = config.swagger_ui_url, Metrics(routes)
     server.observers.append(server.metrics.observe_request)
     publisher.observers.append(server.metrics.observe_event)
@@ -1899,9 +1871,9 @@ def build_server(config, publisher, log_writer):
     return server
 
 
-def warn_if_unresolvable(bootstrap):
-    """Say once when a bootstrap host has no address: kafka:9092 only resolves in Compose."""
-    for server in bootstrap.split(","):
+def start_publisher(publisher, config, producer_settings, stop):
+    """Make the producer (slow to import: the server answers meanwhile) and start publishing."""
+    for server in config.kafka_bootstrap.split(","):    # kafka:9092 resolves in Compose only
         host = server.strip().rpartition(":")[0].strip("[]")
         try:
             socket.getaddrinfo(host, None)
@@ -1909,26 +1881,19 @@ def warn_if_unresolvable(bootstrap):
             log.warning("KAFKA_BOOTSTRAP host %r does not resolve: mock-succeed answers 503 "
                         "until it does (outside Docker Compose, try KAFKA_BOOTSTRAP="
                         "localhost:9092)", host)
-
-
-def start_publisher(publisher, config, producer_settings, stop):
-    """Make the producer (importing kafka-python takes a while: the server
-    already answers) and start publishing; retried while no thread can start."""
-    warn_if_unresolvable(config.kafka_bootstrap)
     for attempt in itertools.count():
         try:
             return publisher.start(make_producer(
                 config.kafka_bootstrap, config.kafka_timeout_s, linger_ms=GROUP_LINGER_MS,
                 metrics_enabled=False, **producer_settings))
-        except RuntimeError as exc:         # its thread cannot start (a pids limit)
+        except RuntimeError as exc:         # its thread cannot start (a pids limit): retry
             if attempt == 0:
                 log.warning("the Kafka producer cannot start its thread (%s); "
                             "retrying every second", exc)
             if stop.wait(1.0):
                 return
         except Exception as exc:            # an absent broker is not one of these
-            stop.failure = f"the Kafka producer could not be created: " \
-                           f"{type(exc).__name__}: {exc}"
+            stop.failure = f"the Kafka producer could not be created: {type(exc).__name__}: {exc}"
             return stop.set()
 
 
@@ -1940,8 +1905,7 @@ def serve(argv):
         print(f"payment_service.py: unknown argument {argv[0]!r} (the settings are "
               f"environment variables: --help lists them)", file=sys.stderr)
         raise SystemExit(2)
-    # SIGTERM and SIGINT only set this; the main thread only waits on it, so
-    # they act in every state, start-up included.
+    # SIGTERM and SIGINT only set stop, which the main thread waits on: they act at any time.
     stop = threading.Event()
     stop.failure = None
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -1956,8 +1920,8 @@ def serve(argv):
     logging.getLogger("kafka").setLevel(logging.CRITICAL)   # one line per outage is ours
     if resource is not None:                    # each connection takes a descriptor
         with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (resource.getrlimit(
-                resource.RLIMIT_NOFILE)[1],) * 2)
+            hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     publisher = GroupCommitPublisher(config.kafka_timeout_s, config.max_pending_events)
     try:
         server = build_server(config, publisher, stderr)
