@@ -452,7 +452,7 @@ def sasl_env(mechanism, protocol="SASL_PLAINTEXT", password=SECRET_PASSWORD, use
 
 def client_settings(env):
     """(KafkaProducer keyword arguments, start-up words) the service makes of env."""
-    return ps.kafka_client_settings(ps.config_from_env(env, ps.ALL_SETTINGS))
+    return ps.kafka_client_settings(ps.read_config(env, ps.ALL_SETTINGS))
 
 
 def consumer_settings(env):
@@ -477,8 +477,16 @@ def payment_body(order_id, amount_cents=25998, currency="USD"):
 
 
 def record_of(order_id, amount_cents=25998, currency="USD"):
-    """(key, value) of the event the service publishes for this payment."""
-    return ps.payment_succeeded_record(ps.Payment(order_id, amount_cents, currency))
+    """(key, value) of the event the service publishes for this payment, as the README says."""
+    return str(order_id).encode(), json.dumps({
+        "type": "payment.succeeded", "order_id": order_id, "amount_cents": amount_cents,
+        "currency": currency}).encode()
+
+
+def payment_event(order_id, amount_cents=1, currency="USD"):
+    """The event mock-succeed publishes for this payment (for the publisher's own tests)."""
+    return ps.Event("payment.succeeded", order_id, {
+        "order_id": order_id, "amount_cents": amount_cents, "currency": currency})
 
 
 class Record(NamedTuple):
@@ -699,7 +707,8 @@ SPARE_THREAD_S = ps.PaymentHTTPServer.spare_thread_s   # a spare connection thre
 
 def new_publisher(timeout_s, max_pending, producer=None):
     """The service's publisher; started on producer when one is given."""
-    publisher = ps.GroupCommitPublisher(timeout_s, max_pending)
+    config = ps.read_config({"MAX_PENDING_EVENTS": str(max_pending)}, ps.ALL_SETTINGS)
+    publisher = ps.GroupCommitPublisher(config._replace(kafka_timeout_s=timeout_s))
     if producer is not None:
         publisher.start(producer)
     return publisher
@@ -707,7 +716,8 @@ def new_publisher(timeout_s, max_pending, producer=None):
 
 def new_producer(bootstrap, timeout_s, **settings):
     """The service's KafkaProducer, as it configures it."""
-    return ps.make_producer(bootstrap, timeout_s, **settings)
+    return ps.make_producer(ps.read_config({"KAFKA_BOOTSTRAP": bootstrap,
+                                            "KAFKA_TIMEOUT_S": str(timeout_s)}), **settings)
 
 
 def real_publisher(bootstrap, timeout_s=5.0, max_pending=1000):
@@ -717,9 +727,8 @@ def real_publisher(bootstrap, timeout_s=5.0, max_pending=1000):
 def new_server(publisher, idle_timeout_s=2.0, **settings):
     """The full service's HTTP server (its layers put together as serve() does)
     on a free loopback port, not serving yet; settings: more environment."""
-    config = ps.config_from_env({"PORT": "0", "IDLE_TIMEOUT_S": str(idle_timeout_s),
-                                 "ACCESS_LOG": "0", "EVENT_LOG": "0", **settings},
-                                ps.ALL_SETTINGS)
+    config = ps.read_config({"PORT": "0", "IDLE_TIMEOUT_S": str(idle_timeout_s),
+                             "ACCESS_LOG": "0", "EVENT_LOG": "0", **settings}, ps.ALL_SETTINGS)
     return ps.build_server(config, publisher, None)
 
 
@@ -776,7 +785,7 @@ class FakeProducer:
         self._unflushed = []
         self._offset = 0
 
-    def send(self, topic, key, value):
+    def send(self, topic, key=None, value=None, **record):
         from kafka.producer.future import FutureProduceResult, FutureRecordMetadata
 
         time.sleep(self.send_s)
@@ -816,7 +825,7 @@ def publish_concurrently(publisher, order_ids):
 
     def one(order_id):
         try:
-            publisher.publish(ps.Payment(order_id, 1, "USD"))
+            publisher.publish(payment_event(order_id))
             outcomes[order_id] = None
         except ps.BrokerUnavailable as exc:
             outcomes[order_id] = exc.detail

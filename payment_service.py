@@ -1,13 +1,13 @@
 """payment-service: a mock payment processor for an e-commerce demo stack.
 
 It creates fake payment intents and, on request, publishes a ``payment.succeeded``
-event to Kafka, for local mocking, teaching and demos. Run it with
-``KAFKA_BOOTSTRAP=localhost:9092 python3 payment_service.py``.
+event to Kafka, for local mocking, teaching and demos.
 
-This file has two parts. The top, down to the line "end of the lesson", is the
-whole service in its plainest form, and runs on its own (main()). Below that line
-are the layers that make the same service fit for hostile clients, speed and
-operations; the entry point at the bottom puts them together.
+The top of this file, down to "end of the lesson", is the whole service in its
+plainest form: ``python3 payment_service.py --lesson`` serves it alone, as does this
+top saved as lesson.py (``python3 lesson.py --lesson``). Below, layers fit the same
+service for hostile clients, speed and operations by subclassing the lesson's classes:
+every request of the full service (``python3 payment_service.py``) runs its steps.
 
 HTTP in brief. A client opens a TCP connection and writes a request: a request
 line, header fields, an empty line, then Content-Length bytes of body::
@@ -19,17 +19,21 @@ line, header fields, an empty line, then Content-Length bytes of body::
 
     {"order_id": 123, "amount_cents": 25998, "currency": "USD"}
 
-The server answers a status line ("HTTP/1.1 200 OK"), header fields and a body;
-the connection stays open for the next request (keep-alive). http.server reads
-the head; our handler finds the route in ROUTES and answers JSON.
+The server answers a status line ("HTTP/1.1 200 OK"), header fields and a body; the
+connection stays open for the next request (keep-alive). A status's first digit is its
+class: 2xx done, 4xx the client's mistake, 5xx the server's trouble (503: retry later).
+http.server reads the head; our handler finds the route, checks the body by the
+route's field rules, runs the route and answers JSON.
 
-Kafka in brief. send() buffers a record and returns a future; flush() sends the
-buffer and waits for the broker; the future then holds this record's outcome:
-its partition and offset once every in-sync replica has it, or the error.
+Kafka in brief. A broker is a Kafka server; brokers keep records, each a key and a
+value (bytes; JSON here), in topics split into partitions: records with one key go
+to one partition, in order, each at its offset. The broker's acknowledgement (ack)
+says every in-sync replica (copy) of the partition has the record: only then is the
+event safe. send() buffers a record and returns a future (an object that will hold
+the outcome); flush() sends the buffer and waits; the future then holds the outcome.
 """
 
 import contextlib
-import decimal
 import http.server
 import ipaddress
 import json
@@ -37,64 +41,86 @@ import os
 import re
 import sys
 import time
-from types import SimpleNamespace
-from typing import NamedTuple
+from collections import namedtuple
+from typing import Callable, NamedTuple
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
-TOPIC = "payment.events"
-EVENT_TYPE = "payment.succeeded"
-MAX_ID = 2**63 - 1              # order_id and amount_cents fit a signed 64-bit integer
+MAX_ID = 2**63 - 1              # ids and amounts fit a signed 64-bit integer (Kafka's, Java's)
 MAX_BODY_BYTES = 64 * 1024
+TOPIC = "payment.events"
 
 
-# -- Routes: a route takes the server (for its publisher) and the request body,
-# and returns the JSON object of a 200 answer, or raises HTTPError. -----------
+# -- The body's rules: each field's type, range or length, pattern and meaning ----
+class Field(NamedTuple):
+    """A body field's rule: an int from low to high, or a str of low to high characters
+    matching pattern (whole); meaning: what it is, for people (and 422 messages)."""
+    kind: type
+    low: int
+    high: int
+    meaning: str
+    pattern: str = ""
+    convert: Callable = None    # applied to a valid value (str.upper: "usd" -> "USD")
 
-def health(server, body):
+
+PAYMENT = {
+    "order_id": Field(int, 1, MAX_ID, "the order's id"),
+    "amount_cents": Field(int, 1, MAX_ID, "the amount in cents"),
+    "currency": Field(str, 3, 3, "a string of exactly three ASCII letters",
+                      "[A-Za-z]{3}", str.upper),
+}
+
+
+# -- Routes: a route takes the server (for its publisher) and the body's fields (a dict,
+# checked by the route's rules), and returns a 200's JSON object, or raises HTTPError --
+def health(server, fields):
     """Liveness: answers while the process serves, broker or not."""
     return {"status": "ok"}
 
 
-def service_info(server, body):
+def service_info(server, fields):
     """The service's name and version."""
     return {"service": "payment", "version": __version__}
 
 
-def create_intent(server, body):
+def create_intent(server, payment):
     """Create a fake payment intent for an order (touches no broker)."""
-    payment = parse_payment(body)                       # 400 / 422
-    return {"payment_id": f"pay_{payment.order_id}",
-            "client_secret": f"secret_{payment.order_id}"}
+    return {"payment_id": f"pay_{payment['order_id']}",
+            "client_secret": f"secret_{payment['order_id']}"}
 
 
-def mock_succeed(server, body):
+def mock_succeed(server, payment):
     """Publish payment.succeeded to Kafka; 200 once the broker acknowledged it."""
-    payment = parse_payment(body)                       # 400 / 422
-    server.publisher.publish(payment)                   # 503 unless Kafka acknowledged it
-    return {"status": "ok"}
+    server.publisher.publish(Event("payment.succeeded", payment["order_id"], payment))
+    return {"status": "ok"}                         # publish() raised a 503 if not
 
 
-# path -> {method: route}: the routing (404, 405 elsewhere), printed at start-up.
+class Route(NamedTuple):
+    """An endpoint's contract, written once: the function that answers, the body's field
+    rules (it gets the checked fields), publishes: a 503 if Kafka does not ack its event."""
+    function: Callable
+    body: dict = None
+    publishes: bool = False
+
+
+# path -> {method: Route}: the routing (404, 405 elsewhere), printed at start-up.
 ROUTES = {
-    "/health": {"GET": health, "HEAD": health},
-    "/payment/health": {"GET": health, "HEAD": health},
-    "/v1/_info": {"GET": service_info, "HEAD": service_info},
-    "/payment/v1/payments/create-intent": {"POST": create_intent},
-    "/payment/v1/payments/mock-succeed": {"POST": mock_succeed},
+    "/health": {"GET": Route(health), "HEAD": Route(health)},
+    "/payment/health": {"GET": Route(health), "HEAD": Route(health)},
+    "/v1/_info": {"GET": Route(service_info), "HEAD": Route(service_info)},
+    "/payment/v1/payments/create-intent": {"POST": Route(create_intent, PAYMENT)},
+    "/payment/v1/payments/mock-succeed": {"POST": Route(mock_succeed, PAYMENT, publishes=True)},
 }
 
 
 def format_routes(routes):
     """The routing table as text, one 'METHOD  PATH  function' line per route."""
-    rows = [(method, path, function.__name__)
-            for path, methods in routes.items() for method, function in methods.items()]
-    width = max(len(path) for _, path, _ in rows)
-    return "\n".join(f"  {method:<5} {path:<{width}}  {name}" for method, path, name in rows)
+    width = max(map(len, routes))
+    return "\n".join(f"  {method:<5} {path:<{width}}  {route.function.__name__}"
+                     for path, methods in routes.items() for method, route in methods.items())
 
 
-# -- Validation: 400 for a body that is not a JSON object, 422 for a bad field ----
-
+# -- Checking a body: 400 if it is not a JSON object, 422 for a bad field --------
 class HTTPError(Exception):
     """An error answer: a status, a message for the client, extra headers."""
 
@@ -103,143 +129,89 @@ class HTTPError(Exception):
         self.status, self.detail, self.headers = status, detail, tuple(headers)
 
 
-class Payment(NamedTuple):
-    order_id: int
-    amount_cents: int
-    currency: str                               # three ASCII letters, upper-cased
-
-
-def parse_payment(body):
-    """The Payment in a POST body, or HTTPError 400/422. Unknown keys are ignored."""
-    obj = parse_json_object(body)
-    return Payment(order_id=require_int64(obj, "order_id"),
-                   amount_cents=require_int64(obj, "amount_cents"),
-                   currency=require_currency(obj))
-
-
-def parse_json_object(body):
-    """Decode a request body that must be a UTF-8 JSON object (else 400)."""
+def parse_body(body, fields, decoder=json.JSONDecoder()):
+    """The fields of a UTF-8 JSON object body, each checked by its rule; unknown keys
+    are ignored. Else HTTPError: 400 if the body is not a JSON object, 422 for a field."""
     try:
-        value = STRICT_JSON.decode(body.decode("utf-8"))
+        obj = decoder.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
         raise HTTPError(400, "body must be UTF-8 encoded JSON") from None
     except RecursionError:
         raise HTTPError(400, "body is nested too deeply to parse") from None
-    except ValueError as exc:                   # JSONDecodeError, or a NaN or duplicate key
+    except ValueError as exc:                   # JSONDecodeError, or a number past int()'s digits
         raise HTTPError(400, f"body is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
+    if not isinstance(obj, dict):
         raise HTTPError(400, "body must be a JSON object")
-    return value
+    return {name: check_field(obj, name, rule) for name, rule in fields.items()}
 
 
-def require_int64(obj, name):
-    """obj[name] as a JSON integer from 1 to 2**63-1 (2.0 counts, True does not), else 422."""
+def check_field(obj, name, rule):
+    """obj[name] by its Field rule, else HTTPError 422 naming the field and the rule."""
     if name not in obj:
         raise HTTPError(422, f"{name}: field required")
     value = obj[name]
-    if type(value) is not int:                  # bool is an int subclass: excluded
-        raise HTTPError(422, f"{name}: must be a JSON integer")
-    if not 1 <= value <= MAX_ID:
-        raise HTTPError(422, f"{name}: must be between 1 and {MAX_ID}")
-    return value
+    if rule.kind is int:
+        if type(value) is not int:              # bool is an int subclass: excluded
+            raise HTTPError(422, f"{name}: must be a JSON integer")
+        if not rule.low <= value <= rule.high:
+            raise HTTPError(422, f"{name}: must be between {rule.low} and {rule.high}")
+    elif not (type(value) is rule.kind and rule.low <= len(value) <= rule.high
+              and re.fullmatch(rule.pattern or ".*", value, re.DOTALL)):
+        raise HTTPError(422, f"{name}: must be {rule.meaning}")
+    return rule.convert(value) if rule.convert else value
 
 
-def require_currency(obj):
-    """obj["currency"] as three ASCII letters, upper-cased, else 422."""
-    if "currency" not in obj:
-        raise HTTPError(422, "currency: field required")
-    value = obj["currency"]
-    if not (type(value) is str and len(value) == 3 and value.isascii() and value.isalpha()):
-        raise HTTPError(422, "currency: must be a string of exactly three ASCII letters")
-    return value.upper()
+# -- Kafka: one event, sent, flushed, then this record's own acknowledgement ------
+class Event(NamedTuple):
+    """A Kafka record, built once for the producer and every observer: key "<id>"."""
+    type: str
+    id: int
+    data: dict
 
+    def record(self):
+        """What producer.send() takes besides the topic: value {"type": type, **data}."""
+        value = json.dumps({"type": self.type, **self.data})
+        return {"key": str(self.id).encode(), "value": value.encode()}
 
-# json.loads takes NaN, keeps the last of duplicate keys, and reads numbers through
-# int() of any length or a float; this decoder refuses the first two (400) and does not.
-
-def _refuse(name):
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _object_without_duplicate_keys(pairs):
-    """A duplicate key is a 400: an ambiguous amount is worse than a refused one."""
-    seen = set()
-    for key, _ in pairs:
-        if key in seen:
-            raise ValueError(f"duplicate key {key!r}")
-        seen.add(key)
-    return dict(pairs)
-
-
-def _parse_number(literal):
-    """The int a literal equals if whole (2.0, 2e0), else a float; past 10**19 out of range."""
-    if literal.isdigit() and len(literal) < 19:     # the common case, the quick way
-        return int(literal)
-    try:
-        value = decimal.Decimal(literal)
-    except decimal.InvalidOperation:            # past even Decimal's exponent range
-        return float(literal)
-    if value.is_zero():
-        return 0
-    if value.adjusted() >= len(str(MAX_ID)):
-        return -(MAX_ID + 1) if value < 0 else MAX_ID + 1
-    return int(value) if value == value.to_integral_value() else float(literal)
-
-
-STRICT_JSON = json.JSONDecoder(parse_int=_parse_number, parse_float=_parse_number,
-                               parse_constant=_refuse,
-                               object_pairs_hook=_object_without_duplicate_keys)
-
-
-# -- Kafka: send, flush, then this record's own acknowledgement ------------------
 
 class BrokerUnavailable(HTTPError):
-    """The event was not acknowledged (503); reason names why, for the metrics."""
-    def __init__(self, detail, reason):
-        super().__init__(503, detail)
+    """The event was not acknowledged: 503, Retry-After; reason names why in a word."""
+    def __init__(self, detail, reason, retry_after_s=1):
+        super().__init__(503, detail, [("Retry-After", str(retry_after_s))])
         self.reason = reason
 
 
-def payment_succeeded_record(payment):
-    """The Kafka key and value (both bytes) announcing that a payment succeeded."""
-    value = {"type": EVENT_TYPE, "order_id": payment.order_id,
-             "amount_cents": payment.amount_cents, "currency": payment.currency}
-    return str(payment.order_id).encode(), json.dumps(value).encode()
-
-
-def make_producer(bootstrap, timeout_s, **settings):
-    """The one KafkaProducer, every wait bounded by timeout_s. No idempotence: kafka-python's
-    never recovers from an expired batch or a restarted broker (delivery is at-least-once);
-    api_version given: no wait for a broker here; imported here: it imports slowly."""
+def make_producer(config, **settings):
+    """The one KafkaProducer, every wait bounded by KAFKA_TIMEOUT_S (imported here:
+    kafka-python imports slowly). No idempotence: kafka-python's never recovers from an
+    expired batch or a restarted broker, so delivery is at-least-once."""
     from kafka import KafkaProducer
 
-    timeout_ms = int(timeout_s * 1000)
-    return KafkaProducer(bootstrap_servers=bootstrap, api_version=(3, 9), acks="all",
+    timeout_ms = int(config.kafka_timeout_s * 1000)
+    return KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
+                         api_version=(3, 9),              # no wait to ask the broker
                          enable_idempotence=False,
                          max_block_ms=timeout_ms,         # send() waiting for metadata
                          request_timeout_ms=timeout_ms,   # a broker that stopped answering
-                         # kafka-python wants it at least request timeout + linger
                          delivery_timeout_ms=timeout_ms + settings.get("linger_ms", 0),
                          reconnect_backoff_max_ms=1000,   # see a broker back within 1 s
                          **settings)
 
 
 class Publisher:
-    """Publishes payment events through one producer; 200 only on the ack."""
+    """Publishes events through one producer; 200 only on the ack."""
 
-    def __init__(self, producer, timeout_s):
-        from kafka.errors import KafkaError
-        self.producer, self.timeout_s, self.kafka_error = producer, timeout_s, KafkaError
+    def __init__(self, producer, config):
+        self.producer, self.timeout_s = producer, config.kafka_timeout_s
 
-    def publish(self, payment):
+    def publish(self, event):
         """Send, flush, return this record's RecordMetadata once acknowledged; else 503."""
-        key, value = payment_succeeded_record(payment)
         deadline = time.monotonic() + self.timeout_s
         try:
-            future = self.producer.send(TOPIC, key=key, value=value)   # 1. buffer it
-            self.producer.flush(timeout=remaining(deadline))            # 2. push it out now
-            return future.get(timeout=remaining(deadline))              # 3. its own ack
-        except self.kafka_error as exc:
+            future = self.producer.send(TOPIC, **event.record())    # 1. buffer it
+            self.producer.flush(timeout=remaining(deadline))        # 2. push it out now
+            return future.get(timeout=remaining(deadline))          # 3. its own ack
+        except sys.modules["kafka.errors"].KafkaError as exc:  # imported by the producer
             raise self.refusal(exc) from None
 
     def refusal(self, exc):
@@ -249,7 +221,8 @@ class Publisher:
             return BrokerUnavailable(f"Kafka did not acknowledge the event within "
                                      f"{self.timeout_s:g} s ({name})", "timeout")
         if isinstance(exc, errors.BrokerResponseError):
-            return BrokerUnavailable(f"the Kafka broker refused the event: {name}", "broker_refused")
+            return BrokerUnavailable(f"the Kafka broker refused the event: {name}",
+                                     "broker_refused")
         return BrokerUnavailable(f"Kafka could not be reached to deliver the event: {name}",
                                  "unreachable")
 
@@ -259,27 +232,28 @@ def remaining(deadline):
     return max(deadline - time.monotonic(), 0.001)
 
 
-# -- The request handler: dispatch through ROUTES, answer JSON --------------------
-
+# -- The request handler: dispatch through the routes, answer JSON ----------------
 class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
-    """One connection: HTTP/1.1 keep-alive requests dispatched through ROUTES."""
+    """One connection: HTTP/1.1 keep-alive requests dispatched through the routes."""
 
     protocol_version = "HTTP/1.1"       # keep the connection open between requests
     server_version, sys_version = f"payment-service/{__version__}", ""
     timeout = 120                       # close a silent connection (seconds)
+    json_decoder = json.JSONDecoder()   # how bodies are decoded (the layers' is stricter)
 
-    def __getattr__(self, name):
-        """do_GET, do_POST, any do_<METHOD>: dispatch() (405, not http.server's 501)."""
-        if name.startswith("do_"):
-            return lambda: self.send_json(*self.dispatch())
-        raise AttributeError(name)
+    def do_request(self):
+        """Every method: dispatch() finds the route (404, or 405 for another method)."""
+        self.send_json(*self.dispatch())
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_request
 
     def dispatch(self):
         """Run the route for this request: (status, JSON object, extra headers)."""
         try:
-            function = self.find_route()
+            route = self.find_route()
             body = self.read_body() if self.command == "POST" else b""
-            return 200, function(self.server, body), ()
+            fields = parse_body(body, route.body, self.json_decoder) if route.body else None
+            return 200, route.function(self.server, fields), ()
         except HTTPError as exc:
             return exc.status, {"detail": exc.detail}, exc.headers
         except (ConnectionError, TimeoutError):
@@ -289,39 +263,55 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
             return 500, {"detail": "internal server error"}, ()
 
     def find_route(self):
-        """The route for this path (query aside) and method: else 404, or 405 + Allow."""
+        """The Route for this path (query aside) and method: else 404, or 405 + Allow."""
         path = self.path.partition("?")[0]
         methods = self.server.routes.get(path)
         if methods is None:
             raise HTTPError(404, f"no route for path {path[:200]!r}")
-        function = methods.get(self.command)
-        if function is None:
+        route = methods.get(self.command)
+        if route is None:
             allow = ", ".join(methods)
             raise HTTPError(405, f"method {self.command} not allowed; use {allow}",
                             [("Allow", allow)])
-        return function
+        return route
 
     def read_body(self):
-        """The POST body: 411 without Content-Length, 413 if too long, 415 if not JSON."""
-        length = self.headers.get("Content-Length")
+        """The POST body: 415 unless it is JSON; the connection closes unless it is read."""
+        keep_open, self.close_connection = not self.close_connection, True
+        length = self.body_length()
+        content_type = self.headers.get("content-type", "application/json")
+        if content_type.partition(";")[0].strip(" \t").lower() != "application/json":
+            raise HTTPError(415, "Content-Type must be application/json")
+        body = self.read_exactly(length)
+        self.close_connection = not keep_open
+        return body
+
+    def body_length(self):
+        """Content-Length: 411 without it, 400 if not a number, 413 past MAX_BODY_BYTES."""
+        length = self.headers.get("content-length")
         if length is None:
             raise HTTPError(411, "Content-Length required")
         if not (length.isascii() and length.isdigit()):
             raise HTTPError(400, "Content-Length must be a non-negative integer")
-        self.close_connection = True                # unless the body is read
-        if int(length) > MAX_BODY_BYTES:
+        if len(length) > 7 or int(length) > MAX_BODY_BYTES:    # int() refuses 5,000 digits
             raise HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        content_type = self.headers.get("Content-Type", "application/json")
-        if content_type.partition(";")[0].strip().lower() != "application/json":
-            raise HTTPError(415, "Content-Type must be application/json")
-        self.close_connection = False
-        return self.rfile.read(int(length))
+        return int(length)
+
+    def read_exactly(self, length):
+        """length bytes of body; 408 if the client stops sending before."""
+        body = self.rfile.read(length) or b""
+        if len(body) < length:
+            raise HTTPError(408, "body not received in full")
+        return body
 
     def send_json(self, status, payload, headers=()):
-        """Send one answer: status line, header fields and JSON body."""
-        body = json.dumps(payload).encode()
+        """Send one answer with a JSON body."""
+        self.send_body(status, "application/json", json.dumps(payload).encode(), headers)
+
+    def send_body(self, status, content_type, body, headers=()):
+        """Status line, header fields, then the body (none for HEAD)."""
         self.send_response(status)                  # also logs the request
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
@@ -330,13 +320,13 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (400, 414, 505, ...) as JSON, not HTML."""
+        """http.server's own errors (400, 414, 501, 505, ...) as JSON, not HTML."""
         self.close_connection = True
         self.send_json(code, {"detail": message or self.responses[code][0]})
 
 
-# -- Configuration and main(): settings (name, default, parse, meaning), each named once.
-
+# -- Configuration: each setting named once: (name, default, parse, meaning), where
+# parse(name, text) returns the value or stops start-up with one line (SystemExit) --
 def number(kind, low, high):
     """A parse function for an int or float setting from low to high (not NaN)."""
     def parse(name, text):
@@ -344,7 +334,7 @@ def number(kind, low, high):
             if low <= kind(text) <= high:
                 return kind(text)
         raise SystemExit(f"{name}={text!r} is not a{'n integer' if kind is int else ' number'} "
-                         f"from {low:g} to {high:g}")
+                         f"from {low} to {high}")
     return parse
 
 
@@ -377,24 +367,34 @@ SETTINGS = [
 ]
 
 
-def config_from_env(environ, settings=SETTINGS):
-    """Every setting, read once: config.kafka_timeout_s for KAFKA_TIMEOUT_S."""
-    return SimpleNamespace(**{name.lower(): parse(name, environ.get(name, default))
-                              for name, default, parse, _ in settings})
+def read_config(environ, settings=SETTINGS):
+    """Every setting, read once and checked: config.kafka_timeout_s for KAFKA_TIMEOUT_S."""
+    config = namedtuple("Config", [setting[0].lower() for setting in settings])
+    return config(*(parse(n, environ.get(n, default)) for n, default, parse, _ in settings))
+
+
+def banner(config, routes, port, kafka=None):
+    """The start-up lines: the routes, the address, the broker (kafka: more words on it)."""
+    host = f"[{config.host}]" if ":" in config.host else config.host
+    return (f"payment-service {__version__} routes:\n{format_routes(routes)}\n"
+            f"listening on http://{host}:{port} (Kafka {kafka or config.kafka_bootstrap}, "
+            f"topic {TOPIC})")
 
 
 def main():
     """The lesson's service: a thread per connection; Ctrl-C stops it."""
-    config = config_from_env(os.environ)
+    config = read_config(os.environ)
+    producer = make_producer(config)
     server = http.server.ThreadingHTTPServer((config.host, config.port), PaymentRequestHandler)
-    producer = make_producer(config.kafka_bootstrap, config.kafka_timeout_s)
-    server.routes, server.publisher = ROUTES, Publisher(producer, config.kafka_timeout_s)
-    print(f"payment-service {__version__} routes:\n{format_routes(ROUTES)}")
-    print(f"listening on http://{config.host}:{server.server_port} "
-          f"(Kafka {config.kafka_bootstrap}, topic {TOPIC})", flush=True)
+    server.routes, server.publisher = ROUTES, Publisher(producer, config)
+    print(banner(config, ROUTES, server.server_port), flush=True)
     with server, contextlib.suppress(KeyboardInterrupt):   # Ctrl-C ends serve_forever()
         server.serve_forever()
     producer.close(timeout=config.kafka_timeout_s)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--lesson"]:
+    main()
 
 
 # ================================ end of the lesson ================================
@@ -407,6 +407,7 @@ def main():
 
 import bisect
 import collections
+import decimal
 import email.utils
 import errno
 import functools
@@ -537,16 +538,58 @@ HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n"
 CLIENT_GONE = (ConnectionError, TimeoutError, BlockingIOError)
 
 
+# json.loads takes NaN, keeps the last of duplicate keys, and reads numbers through
+# int() of any length or a float; this decoder refuses the first two (400) and reads
+# a whole number written 2.0 or 2e0 as that integer, and one past 19 digits as out of range.
+def _refuse(name):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _object_without_duplicate_keys(pairs):
+    """A duplicate key is a 400: an ambiguous amount is worse than a refused one."""
+    obj = dict(pairs)
+    if len(obj) < len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r}")
+            seen.add(key)
+    return obj
+
+
+def _parse_number(literal):
+    """The int a literal equals if whole (2.0, 2e0), else a float; past 10**19, out of range."""
+    if literal.isdigit() and len(literal) < 19:     # the common case, the quick way
+        return int(literal)
+    try:
+        value = decimal.Decimal(literal)
+    except decimal.InvalidOperation:            # past even Decimal's exponent range
+        return float(literal)
+    if value.is_zero():
+        return 0
+    if value.adjusted() >= len(str(MAX_ID)):    # more digits than any int64 has
+        return -(MAX_ID + 1) if value < 0 else MAX_ID + 1
+    return int(value) if value == value.to_integral_value() else float(literal)
+
+
+STRICT_JSON = json.JSONDecoder(parse_int=_parse_number, parse_float=_parse_number,
+                               parse_constant=_refuse,
+                               object_pairs_hook=_object_without_duplicate_keys)
+
+
 class StrictRequestHandler(PaymentRequestHandler):
-    """The lesson's handler, reading requests by RFC 9112 with limits and deadlines."""
+    """The lesson's handler, reading requests by RFC 9112 with limits and deadlines.
+    Its steps are the lesson's: the overrides below call them (super()), and write
+    the head through cheap send_response/send_header/end_headers."""
+
+    json_decoder = STRICT_JSON
 
     def setup(self):
-        self.connection = self.request      # Nagle off: no 40 ms delayed-ACK stall
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)
-        # A client not reading its answers fills a small buffer soon, not megabytes
-        # of kernel memory later; taking nothing for 2 * SLOW_GRACE_S, it is below any rate.
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
-        set_socket_timeouts(self.connection, self.server.idle_timeout_s, 2 * SLOW_GRACE_S)
+        # Nagle off, a small send buffer and the kernel timeouts come from the
+        # listening socket (server_activate): accepted sockets inherit them on Linux.
+        self.connection = self.request
+        if not KERNEL_SOCKET_TIMEOUTS:
+            self.connection.settimeout(self.server.idle_timeout_s)
         self.reader = DeadlineReader(self.connection, self.server.idle_timeout_s,
                                      self.server.header_timeout_s)
         self.rfile = io.BufferedReader(self.reader)
@@ -582,16 +625,16 @@ class StrictRequestHandler(PaymentRequestHandler):
                 raw = self.rfile.readline(MAX_HEAD_BYTES + 1)
         except HTTPError as exc:            # bytes trickled in, no request line in time
             self.started = time.perf_counter()
-            return self.answer(exc.status, {"detail": exc.detail})
+            return self.send_error(exc.status, exc.detail)
         if not raw.endswith(b"\n") and len(raw) <= MAX_HEAD_BYTES:
             return                          # closed, or idle past the timeout
         self.started = time.perf_counter()
         if raw == HTTP2_PREFACE:
             self.requestline, self.linger = "PRI * HTTP/2.0", True
             self.wfile.write(http2_refusal(self.rfile))
-            return self.server.observe(self, 0, 0)
+            return self.log_request(0, 0)
         self.raw_requestline = raw
-        self.answer(*self.dispatch())
+        self.do_request()
         if not self.close_connection:
             self.server.end_request(self)
 
@@ -601,12 +644,6 @@ class StrictRequestHandler(PaymentRequestHandler):
         if self.writing_since is not None:
             return now - self.writing_since > SLOW_AFTER_S
         return self.reader.slow(now)
-
-    def answer(self, status, payload, headers=()):
-        self.writing_since = time.monotonic()      # a client not reading it is evictable
-        self.send_json(status, payload, headers)
-        self.wfile.flush()
-        self.writing_since = None
 
     def dispatch(self):
         try:
@@ -621,7 +658,7 @@ class StrictRequestHandler(PaymentRequestHandler):
         if len(raw) > MAX_HEAD_BYTES:
             raise HTTPError(414, f"request line longer than {MAX_HEAD_BYTES} bytes")
         self.requestline = line = raw.decode("latin-1").rstrip("\r\n")
-        if CONTROL_CHARS.search(line):
+        if not line.isprintable() and CONTROL_CHARS.search(line):
             raise HTTPError(400, "control characters in the request line")
         words = line.split(" ")
         if len(words) != 3 or "" in words:          # RFC 9112 3: SP/HTAB runs allowed
@@ -634,23 +671,25 @@ class StrictRequestHandler(PaymentRequestHandler):
         if target[:1] != "/" and target[:7].lower() in ("http://", "https:/"):
             target = "/" + target.split("/", 3)[3] if target.count("/") >= 3 else "/"
         self.path = target                          # absolute-form: routed by its path
-        fields = self.read_fields(MAX_HEAD_BYTES - len(raw))
-        self.headers = {name: ", ".join(values) for name, values in fields.items()}
-        if self.request_version == "HTTP/1.1" and len(fields.get("host", ())) != 1:
+        self.headers = headers = self.read_fields(MAX_HEAD_BYTES - len(raw))
+        if self.request_version == "HTTP/1.1" and ("host" not in headers or "," in headers["host"]):
             raise HTTPError(400, "an HTTP/1.1 request needs exactly one Host header field")
-        tokens = {t.strip(" \t").lower() for t in self.headers.get("connection", "").split(",")}
-        self.close_connection = ("close" in tokens if self.request_version == "HTTP/1.1"
-                                 else "keep-alive" not in tokens)
-        self.body_unread = "transfer-encoding" in fields or \
-            self.headers.get("content-length", "0") != "0"
-        if "x-forwarded-for" in fields and self.server.trusts(self.client):
-            self.client = self.server.forwarded_client(self.headers["x-forwarded-for"])
+        if "connection" in headers:
+            tokens = {t.strip(" \t").lower() for t in headers["connection"].split(",")}
+            self.close_connection = ("close" in tokens if self.request_version == "HTTP/1.1"
+                                     else "keep-alive" not in tokens)
+        else:
+            self.close_connection = self.request_version == "HTTP/1.0"
+        self.body_unread = "transfer-encoding" in headers or \
+            headers.get("content-length", "0") != "0"
+        if "x-forwarded-for" in headers and self.server.trusts(self.client):
+            self.client = self.server.forwarded_client(headers["x-forwarded-for"])
         self.reader.done()
         self.server.begin_request(self)             # from here on, not evicted as idle
 
     def read_fields(self, budget):
-        """Header (or trailer) fields as {lower-case name: [values]} within budget
-        bytes. A list field's lines combine; of others, the first counts."""
+        """Header (or trailer) fields as {lower-case name: value} within budget bytes.
+        A list field's lines join with ", "; of others, the first counts."""
         fields = {}
         for _ in range(MAX_HEADERS + 1):
             line = self.rfile.readline(budget + 1)
@@ -665,47 +704,43 @@ class StrictRequestHandler(PaymentRequestHandler):
             if field is None:
                 raise HTTPError(400, "malformed header line")
             name, value = field[1].decode().lower(), field[2].rstrip(b" \t").decode("latin-1")
-            values = fields.setdefault(name, [])
-            if name == "content-length" and values and value not in values:
+            if name not in fields:
+                fields[name] = value
+            elif name in LIST_FIELDS:
+                fields[name] += ", " + value
+            elif name == "content-length" and value != fields[name]:
                 raise HTTPError(400, "conflicting Content-Length headers")
-            if not values or name in LIST_FIELDS:
-                values.append(value)
         raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
 
     def read_body(self):
-        """The POST body, Content-Length or chunked (not both: smuggling):
-        400, 408, 411, 413, 415, 501."""
-        coding, length = self.headers.get("transfer-encoding"), self.headers.get("content-length")
-        if coding is not None and length is not None:
-            raise HTTPError(400, "Content-Length and Transfer-Encoding together")
-        if coding is not None and coding.strip(" \t").lower() != "chunked":
-            raise HTTPError(501, "the only transfer coding accepted is chunked")
-        if coding is None and length is None:
-            raise HTTPError(411, "Content-Length required (or Transfer-Encoding: chunked)")
-        if coding is None and not (length.isascii() and length.isdigit()):
-            raise HTTPError(400, "Content-Length must be a non-negative integer")
-        if coding is None and (len(length) > 7 or int(length) > MAX_BODY_BYTES):
-            raise HTTPError(413, f"body larger than {MAX_BODY_BYTES} bytes")
-        content_type = self.headers.get("content-type", "application/json")
-        if content_type.partition(";")[0].strip(" \t").lower() != "application/json":
-            raise HTTPError(415, "Content-Type must be application/json")
-        if self.headers.get("expect", "").lower() == "100-continue":
-            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            self.wfile.flush()
-        self.reader.await_body(self.server.body_timeout_s)
+        close, _ = self.close_connection, self.reader.await_body(self.server.body_timeout_s)
         try:
-            body = self.read_chunked() if coding else self.read_exactly(int(length))
+            body = super().read_body()
         finally:
             self.reader.done()
+            self.close_connection = close       # body_unread decides (send_body)
         self.body_unread = False
         return body
 
+    def body_length(self):
+        """Content-Length, or None for a chunked body (not both: smuggling); 400, 501."""
+        coding = self.headers.get("transfer-encoding")
+        if coding is None and "content-length" not in self.headers:
+            raise HTTPError(411, "Content-Length required (or Transfer-Encoding: chunked)")
+        if coding is None:
+            return super().body_length()
+        if "content-length" in self.headers:
+            raise HTTPError(400, "Content-Length and Transfer-Encoding together")
+        if coding.strip(" \t").lower() != "chunked":
+            raise HTTPError(501, "the only transfer coding accepted is chunked")
+        return None
+
     def read_exactly(self, length):
-        body = self.rfile.read(length) or b""       # short: timed out or closed
-        if len(body) < length:
-            raise HTTPError(408, f"body not received in full: nothing came for "
-                                 f"{self.server.idle_timeout_s:g} s")
-        return body
+        """The body, once the client that asked is told to send it (Expect: 100-continue)."""
+        if self.headers.get("expect", "").lower() == "100-continue":
+            self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.wfile.flush()
+        return self.read_chunked() if length is None else super().read_exactly(length)
 
     def read_chunked(self):
         """A chunked body (RFC 9112 7.1): size line, data, CRLF; trailers dropped."""
@@ -717,30 +752,47 @@ class StrictRequestHandler(PaymentRequestHandler):
             if size == 0:
                 self.read_fields(MAX_HEAD_BYTES)    # the trailer section
                 return bytes(body)
-            body += self.read_exactly(size)
+            body += super().read_exactly(size)
             if self.rfile.readline(3) not in (b"\r\n", b"\n"):
                 break
         raise HTTPError(400, "malformed chunked body")
 
     def send_json(self, status, payload, headers=()):
-        """The answer, formatted by head_bytes() and buffered for one write."""
         if type(payload) is Document:               # /openapi.json, /docs, /metrics
-            content_type, body = payload
-        else:
-            content_type, body = "application/json", json.dumps(payload).encode()
+            return self.send_body(status, *payload, headers)
+        return super().send_json(status, payload, headers)
+
+    def send_body(self, status, content_type, body, headers=()):
+        """The lesson's answer, written in one write and observed; a client not
+        taking it is evictable meanwhile."""
         if self.body_unread or self.server.draining:
             self.close_connection = True    # unread bytes would be taken for a request
         self.linger = self.close_connection and (self.body_unread or status >= 400)
-        connection = ("close" if self.close_connection else
-                      "keep-alive" if self.request_version == "HTTP/1.0" else None)
-        self.wfile.write(head_bytes(status, content_type, len(body), headers, connection))
-        if self.command != "HEAD":
-            self.wfile.write(body)
-        self.server.observe(self, status, len(body))
+        self.writing_since = time.monotonic()
+        super().send_body(status, content_type, body, headers)
+        self.wfile.flush()
+        self.writing_since = None
+        self.log_request(status, len(body))
 
-    def send_error(self, code, message=None, explain=None):
-        self.close_connection = True
-        self.answer(code, {"detail": message or self.responses[code][0]})
+    # The head, without http.server's per-header bookkeeping (a twentieth of its cost).
+    def send_response(self, code, message=None):
+        self._head = [f"HTTP/1.1 {code} {self.responses[code][0]}\r\n"
+                      f"Server: {self.server_version}\r\nDate: {clock()[0]}\r\n"]
+
+    def send_header(self, keyword, value):
+        self._head.append(f"{keyword}: {value}\r\n")
+
+    def end_headers(self):
+        if self.close_connection:
+            self._head.append("Connection: close\r\n\r\n")
+        else:
+            self._head.append("Connection: keep-alive\r\n\r\n" if self.request_version ==
+                              "HTTP/1.0" else "\r\n")
+        self.wfile.write("".join(self._head).encode("latin-1"))
+
+    def log_request(self, code="-", size="-"):
+        """An answer: to the server's observers (the metrics, the access log)."""
+        self.server.observe(self, code, size)
 
     def log_error(self, format, *args):
         log.error("client %s: " + format, self.client, *args, exc_info=True)
@@ -807,16 +859,15 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     spare_thread_s = 10.0       # how long a thread without a connection lives on
     queued_ahead = 32           # connections waiting for a thread past which accept yields
 
-    def __init__(self, address, publisher, routes=ROUTES, idle_timeout_s=120.0,
-                 max_connections=1000, header_timeout_s=10.0, body_timeout_s=10.0,
-                 trusted_proxies=()):
-        self.publisher, self.routes, self.trusted_proxies = publisher, routes, trusted_proxies
-        self.idle_timeout_s = idle_timeout_s
-        self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
+    def __init__(self, config, publisher, routes):
+        self.publisher, self.routes, self.trusted_proxies = publisher, routes, \
+            config.forwarded_allow_ips
+        self.idle_timeout_s = config.idle_timeout_s
+        self.header_timeout_s, self.body_timeout_s = config.header_timeout_s, config.body_timeout_s
         self.observers = []         # f(handler, status, size) for each answer
         self.draining = False       # a stop is coming: health says 503, connections close
         self.stopping = False       # no more requests
-        self.max_connections = connection_bound(max_connections)
+        self.max_connections = connection_bound(config.max_connections)
         self._connections = {}      # handler -> None, the longest waiting first
         self._lock = threading.Lock()
         self._queued = self._spare = self._thread_count = self._threads_peak = 0
@@ -825,17 +876,25 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self._handoff = queue.SimpleQueue()
         self.refusals = Episodes("refusing connections", "accepting connections again")
         self.lingerer = Lingerer()
-        if ":" in address[0]:
+        if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__(address, StrictRequestHandler)
+        super().__init__((config.host, config.port), StrictRequestHandler)
 
     def server_bind(self):      # HTTPServer's looks the host name up: start-up can stall
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
     def server_activate(self):
+        """Listen; what every connection needs is set here once: accepted sockets
+        inherit it on Linux (else setup() sets the timeouts itself)."""
         super().server_activate()
         self.socket.setblocking(False)      # for the accept batches below
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, True)  # no 40 ms stall
+        # A client not reading its answers fills a small buffer soon, not megabytes
+        # of kernel memory later; taking nothing for 2 * SLOW_GRACE_S, it is below any rate.
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+        if KERNEL_SOCKET_TIMEOUTS:
+            set_socket_timeouts(self.socket, self.idle_timeout_s, 2 * SLOW_GRACE_S)
 
     def handle_error(self, request, client_address):
         log.exception("unexpected error on the connection from %s", client_address[0])
@@ -1166,45 +1225,37 @@ def cgroup_limit(controller, file_name):
 # takes every record waiting, sends them all, flushes once and settles each
 # request from its own record's future: the lesson's three steps, once per group.
 
-class GroupCommitPublisher(Publisher):
-    """The lesson's Publisher as a group commit, with a bound on pending events
-    and observers f(payment, seconds, RecordMetadata or BrokerUnavailable)."""
+class GroupCommit:
+    """The producer underneath the lesson's publish(), as a group commit: send()
+    queues the record for one publisher thread, which sends every record waiting,
+    flushes once and settles each from its own future; flush() waits until this
+    thread's record is through that flush; the future send() returns holds its outcome.
+    At most max_pending records wait; before start(producer), sends wait for it."""
 
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
         self.pending = 0            # records queued or sent, not yet acknowledged or failed
-        self.observers = []
         self.broker = Episodes("Kafka is unavailable; mock-succeed answers 503 until it is "
                                "back", "Kafka acknowledges events again")
+        self.refuse_after = float("inf")    # a stop: no publish that would end after this
         self._lock, self._started = threading.Lock(), threading.Event()
         self._waiting = queue.SimpleQueue()     # _Publication, then None to stop the thread
+        self._mine = threading.local()          # the calling thread's last record
         self._closed = False
 
     def start(self, producer):
         """Publish through this producer from now on (requests before it wait)."""
-        super().__init__(producer, self.timeout_s)
+        self.producer = producer
         self._thread = threading.Thread(target=self._run, name="kafka-publisher", daemon=True)
         self._thread.start()
         self._started.set()
 
-    def publish(self, payment):
-        started = time.perf_counter()
-        try:
-            outcome = self._publish(payment)
-        except BrokerUnavailable as exc:
-            outcome = exc
-        for observer in self.observers:
-            observer(payment, time.perf_counter() - started, outcome)
-        if isinstance(outcome, BrokerUnavailable):
-            raise outcome
-        return outcome
-
-    def _publish(self, payment):
-        """Queue the record for the publisher thread; wait for its own outcome."""
+    def send(self, topic, **record):
+        """Queue the record for the publisher thread: its future (a _Publication)."""
         deadline = time.monotonic() + self.timeout_s
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
-        if self._closed:
+        if self._closed or deadline > self.refuse_after:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
         with self._lock:
@@ -1212,13 +1263,14 @@ class GroupCommitPublisher(Publisher):
                 raise BrokerUnavailable(f"{self.pending} events are already waiting for the "
                                         f"broker; try again later", "too_many_pending")
             self.pending += 1
-        publication = _Publication(*payment_succeeded_record(payment), deadline)
+        self._mine.publication = publication = _Publication(topic, record, deadline)
         self._waiting.put(publication)
-        if not publication.settled.acquire(timeout=remaining(deadline)):
-            raise self.refusal(self._timeout_error())
-        if isinstance(publication.outcome, Exception):
-            raise self.refusal(publication.outcome)
-        return publication.outcome                  # this very record's RecordMetadata
+        return publication
+
+    def flush(self, timeout=None):
+        """Wait until this thread's last record has been through a group's flush."""
+        if not self._mine.publication.settled.acquire(timeout=timeout):
+            raise self._timeout_error()
 
     def _run(self):
         """The publisher thread: take every record waiting and commit them; again."""
@@ -1240,23 +1292,22 @@ class GroupCommitPublisher(Publisher):
 
     def _commit(self, group):
         """1. send() each record, 2. flush() once, 3. settle each from its own future."""
-        sent = []
+        sent, kafka_error = [], sys.modules["kafka.errors"].KafkaError
         for publication in group:
             if time.monotonic() >= publication.deadline:    # its request had its 503
                 self._settle(publication, self._timeout_error())
                 continue
             try:
-                publication.future = self.producer.send(
-                    TOPIC, key=publication.key, value=publication.value)
+                publication.future = self.producer.send(publication.topic, **publication.record)
                 sent.append(publication)
-            except self.kafka_error as exc:                 # no metadata in time, ...
+            except kafka_error as exc:                      # no metadata in time, ...
                 self._settle(publication, exc)
         if not sent:
             return
         flush_error = None
         try:                        # the whole group in one produce request
             self.producer.flush(timeout=remaining(sent[-1].deadline))
-        except self.kafka_error as exc:
+        except kafka_error as exc:
             flush_error = exc
         for publication in sent:    # a flush returns quietly when a record failed
             future = publication.future
@@ -1272,7 +1323,7 @@ class GroupCommitPublisher(Publisher):
         else:                                       # still in the producer's buffer
             future.add_both(self._free_slot)
         if isinstance(outcome, Exception):
-            self.broker.began(type(outcome).__name__, f"{type(outcome).__name__}: {outcome}")
+            self.broker.began(type(outcome).__name__, str(outcome))    # "Name: what"
         else:
             self.broker.ended()
         publication.outcome = outcome
@@ -1286,28 +1337,62 @@ class GroupCommitPublisher(Publisher):
         return sys.modules["kafka.errors"].KafkaTimeoutError(
             f"no acknowledgement within {self.timeout_s:g} s")
 
-    def close(self, timeout_s):
-        """Deliver what is still pending, within timeout_s, and close."""
+    def close(self, timeout=None):
+        """Deliver what is still pending, within timeout, and close."""
         if self.producer is not None:
-            deadline, self._closed = time.monotonic() + timeout_s, True
+            deadline, self._closed = time.monotonic() + timeout, True
             self._waiting.put(None)             # after every record already waiting
             self._thread.join(remaining(deadline))
             try:
                 self.producer.close(timeout=remaining(deadline))
-            except self.kafka_error:
+            except sys.modules["kafka.errors"].KafkaError:
                 log.warning("closing with %d events not acknowledged by Kafka", self.pending)
 
 
 class _Publication:
-    """One record on its way through the publisher thread, and its outcome."""
+    """One record on its way through the publisher thread: the future send() returns."""
 
-    __slots__ = ("key", "value", "deadline", "future", "outcome", "settled")
+    __slots__ = ("topic", "record", "deadline", "future", "outcome", "settled")
 
-    def __init__(self, key, value, deadline):
-        self.key, self.value, self.deadline = key, value, deadline
+    def __init__(self, topic, record, deadline):
+        self.topic, self.record, self.deadline = topic, record, deadline
         self.future = self.outcome = None
         self.settled = threading.Lock()     # held until settled: the cheapest wake-up
         self.settled.acquire()
+
+    def get(self, timeout=None):
+        """This record's RecordMetadata once settled (flush() waited for it), or its error."""
+        if self.outcome is None and not self.settled.acquire(timeout=timeout):
+            raise sys.modules["kafka.errors"].KafkaTimeoutError("no acknowledgement in time")
+        if isinstance(self.outcome, Exception):
+            raise self.outcome
+        return self.outcome
+
+
+class GroupCommitPublisher(Publisher):
+    """The lesson's Publisher over a GroupCommit, telling observers
+    f(event, seconds, RecordMetadata or BrokerUnavailable) of each event."""
+
+    def __init__(self, config):
+        super().__init__(GroupCommit(config.kafka_timeout_s, config.max_pending_events), config)
+        self.observers = []
+        self.start, self.close = self.producer.start, self.producer.close
+
+    @property
+    def pending(self):
+        return self.producer.pending
+
+    def publish(self, event):
+        started = time.perf_counter()
+        try:
+            outcome = super().publish(event)
+        except BrokerUnavailable as exc:
+            outcome = exc
+        for observer in self.observers:
+            observer(event, time.perf_counter() - started, outcome)
+        if isinstance(outcome, BrokerUnavailable):
+            raise outcome
+        return outcome
 
 
 # How long the sender may hold a record unasked: a flush sends at once, so no event
@@ -1467,49 +1552,56 @@ def metrics(server, body):
     return server.metrics.answer(server)
 
 
-SELF_DESCRIPTION_ROUTES = {path: {"GET": route, "HEAD": route} for path, route in [
-    ("/openapi.json", openapi_document), ("/docs", swagger_ui), ("/metrics", metrics)]}
+SELF_DESCRIPTION_ROUTES = {path: {"GET": Route(function), "HEAD": Route(function)}
+                           for path, function in [("/openapi.json", openapi_document),
+                                                  ("/docs", swagger_ui), ("/metrics", metrics)]}
 ALL_ROUTES = {**ROUTES, **SELF_DESCRIPTION_ROUTES}
 STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
-# What the document says of a route beyond its docstring: answer, the schema of its 200
-# body (or media_type); payment_body, it reads a Payment; publishes, it waits for Kafka.
-API_NOTES = {
-    "health": {"answer": STATUS_OK},
-    "service_info": {"answer": {
+# What a 200 answer holds, by function: its JSON schema, or the media type of a non-JSON
+# one. Optional: a route missing here is documented as answering a JSON object.
+ANSWERS = {
+    "health": STATUS_OK, "mock_succeed": STATUS_OK,
+    "service_info": {
         "type": "object", "required": ["service", "version"],
-        "properties": {"service": {"const": "payment"}, "version": {"const": __version__}}}},
-    "create_intent": {"payment_body": True, "answer": {
+        "properties": {"service": {"const": "payment"}, "version": {"const": __version__}}},
+    "create_intent": {
         "type": "object", "required": ["payment_id", "client_secret"],
         "properties": {"payment_id": {"type": "string", "pattern": "^pay_[0-9]+$"},
-                       "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}}},
-    "mock_succeed": {"answer": STATUS_OK, "payment_body": True, "publishes": True},
-    "openapi_document": {"answer": {"type": "object", "required": ["openapi", "info", "paths"]}},
-    "swagger_ui": {"media_type": "text/html"},
-    "metrics": {"media_type": PROMETHEUS_TEXT}}
-INT64_SCHEMA = {"type": "integer", "minimum": 1, "maximum": MAX_ID, "description": "a JSON "
-                "integer (not a boolean, fraction or string); a whole number written as 2.0 or "
-                "2e0 is that integer"}
-PAYMENT_SCHEMA = {
-    "type": "object", "description": "Unknown keys are allowed and ignored.",
-    "required": ["order_id", "amount_cents", "currency"], "additionalProperties": True,
-    "properties": {
-        "order_id": INT64_SCHEMA, "amount_cents": INT64_SCHEMA,
-        # the lengths too: a Python-flavoured '$' also matches before a final newline
-        "currency": {"type": "string", "minLength": 3, "maxLength": 3, "pattern": "^[A-Za-z]{3}$",
-                     "description": "three ASCII letters, any case; upper-cased in the event"}}}
-PAYMENT_EXAMPLE = {"order_id": 123, "amount_cents": 25998, "currency": "USD"}
+                       "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}},
+    "openapi_document": {"type": "object", "required": ["openapi", "info", "paths"]},
+    "swagger_ui": "text/html", "metrics": PROMETHEUS_TEXT}
+EXAMPLES = {"Payment": {"order_id": 123, "amount_cents": 25998, "currency": "USD"}}
+BIG_INTEGERS = ("; past 2**53 (9007199254740992) a JavaScript client's JSON.parse rounds it "
+                "(read it as a BigInt there)")
 
 
-def api_notes(function):
-    """API_NOTES for a route (a route without notes stops the document), the defaults filled in."""
-    return {"answer": None, "media_type": "application/json", "payment_body": False,
-            "publishes": False, **API_NOTES[function.__name__]}
+def field_schema(rule):
+    """A Field's JSON schema: exactly what check_field() accepts."""
+    if rule.kind is int:
+        return {"type": "integer", "minimum": rule.low, "maximum": rule.high, "description":
+                f"{rule.meaning}: a JSON integer (not a boolean, fraction or string); a whole "
+                f"number written as 2.0 or 2e0 is that integer" + BIG_INTEGERS * (rule.high > 2**53)}
+    # the lengths too: a Python-flavoured '$' also matches before a final newline
+    return {"type": "string", "minLength": rule.low, "maxLength": rule.high,
+            **({"pattern": f"^{rule.pattern}$"} if rule.pattern else {}),
+            "description": rule.meaning + (rule.convert is str.upper) * "; upper-cased"}
 
 
-def error_statuses(method, function):
+def body_name(fields):
+    """A body's name in the document: its rules' name here (PAYMENT: Payment)."""
+    return next(name.title().replace("_", "") for name, value in globals().items()
+                if value is fields)
+
+
+def body_schema(fields):
+    return {"type": "object", "description": "Unknown keys are allowed and ignored.",
+            "required": list(fields), "additionalProperties": True,
+            "properties": {name: field_schema(rule) for name, rule in fields.items()}}
+
+
+def error_statuses(method, route):
     """{status: when} for every error answer a request to this operation can get."""
-    notes, post = api_notes(function), method == "POST"     # dispatch() reads every POST's body
-    body, publishes = notes["payment_body"], notes["publishes"]
+    post, body, publishes = method == "POST", bool(route.body), route.publishes
     errors = {
         400: "a malformed request line or header line, control characters in the request "
              "line, or an HTTP/1.1 request without exactly one Host" + post * (
@@ -1532,50 +1624,80 @@ def error_statuses(method, function):
         500: "an unexpected error (the traceback goes to the server's log)",
         501: post * "a transfer coding other than chunked",
         503: "MAX_CONNECTIONS connections are held and none is idle or slow" +
-             (function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
+             (route.function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
              publishes * ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
-                          "MAX_PENDING_EVENTS events are already waiting for it"),
+                          "MAX_PENDING_EVENTS events are already waiting for it") +
+             ". Retry-After says when to try again (seconds)",
         505: "an HTTP version other than 1.0 or 1.1"}
     return {status: when for status, when in errors.items() if when}
 
 
-def describe_operation(path, method, function):
+def describe_operation(path, method, route, operation_id):
     """The OpenAPI operation object of one route."""
-    notes, error = api_notes(function), {"$ref": "#/components/schemas/Error"}
+    answer = ANSWERS.get(route.function.__name__, {"type": "object"})
+    media_type = answer if isinstance(answer, str) else "application/json"
+    error = {"$ref": "#/components/schemas/Error"}
+    headers = {405: ("Allow", "the methods the path has, comma-separated"),
+               503: ("Retry-After", "seconds to wait before trying again")}
 
-    def answer(description, media_type, schema, status):
-        return {"description": description, **({"headers": {"Allow": {
+    def response(description, media_type, schema, status):
+        return {"description": description, **({"headers": {headers[status][0]: {
                     "required": True, "schema": {"type": "string"},
-                    "description": "the methods the path has, comma-separated"}}}
-                    if status == 405 else {}),
+                    "description": headers[status][1]}}} if status in headers else {}),
                 **({} if method == "HEAD" else {"content": {media_type: {"schema": schema}}})}
 
-    json_answer = notes["media_type"] == "application/json"
-    responses = {"200": answer("OK", notes["media_type"],
-                               notes["answer"] if json_answer else {"type": "string"}, 200)}
-    for status, when in error_statuses(method, function).items():
-        responses[str(status)] = answer(f"{http.HTTPStatus(status).phrase}: {when}",
-                                        "application/json", error, status)
-    operation = {"operationId": "_".join([method.lower(), *re.findall("[A-Za-z0-9]+", path)]),
+    responses = {"200": response("OK", media_type, {"type": "string"} if isinstance(answer, str)
+                                 else answer, 200)}
+    for status, when in error_statuses(method, route).items():
+        responses[str(status)] = response(f"{http.HTTPStatus(status).phrase}: {when}",
+                                          "application/json", error, status)
+    function = route.function
+    operation = {"operationId": operation_id, "tags": ["payments" if route.body else "service"],
                  "summary": (function.__doc__ or function.__name__).partition("\n")[0].strip(),
                  "description": f"Handler: {function.__name__}" + (method == "HEAD") * (
                      " (HEAD: the GET answer's headers, no body)"),
                  "responses": responses}
-    if notes["payment_body"]:
+    if route.body:
+        name = body_name(route.body)
         operation["requestBody"] = {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/Payment"}, "example": PAYMENT_EXAMPLE}}}
+            "schema": {"$ref": f"#/components/schemas/{name}"},
+            **({"example": EXAMPLES[name]} if name in EXAMPLES else {})}}}
     return operation
+
+
+def operation_ids(routes):
+    """{(path, method): a short unique operationId}: a POST by its last path segment
+    (createIntent), others by method and as few last segments as tell them apart
+    (getHealth, getPaymentHealth)."""
+    ids, taken = {}, set()
+    for path, method in sorted(((p, m) for p, ms in routes.items() for m in ms),
+                               key=lambda pm: pm[0].count("/")):
+        words = re.findall("[A-Za-z0-9]+", path)
+        for count in range(1, len(words) + 1):
+            name = "".join(w.title() for w in words[-count:])
+            name = name[0].lower() + name[1:] if method == "POST" else method.lower() + name
+            if name not in taken or count == len(words):
+                break
+        ids[path, method] = name
+        taken.add(name)
+    return ids
 
 
 def build_api_document(routes):
     """The OpenAPI 3.1 document of every route in routes."""
+    ids = operation_ids(routes)
+    bodies = {body_name(r.body): r.body for ms in routes.values() for r in ms.values() if r.body}
     return {"openapi": "3.1.0",
             "info": {"title": "payment-service", "version": __version__,
                      "description": __doc__.split("\n\n")[1]},
-            "paths": {path: {method.lower(): describe_operation(path, method, function)
-                             for method, function in methods.items()}
+            "tags": [{"name": "payments", "description": "Payment intents and their events"},
+                     {"name": "service", "description": "Health, version and self-description"}],
+            "paths": {path: {method.lower(): describe_operation(path, method, route,
+                                                                ids[path, method])
+                             for method, route in methods.items()}
                       for path, methods in routes.items()},
-            "components": {"schemas": {"Payment": PAYMENT_SCHEMA, "Error": {
+            "components": {"schemas": {**{name: body_schema(fields)
+                                          for name, fields in bodies.items()}, "Error": {
                 "type": "object", "required": ["detail"],
                 "properties": {"detail": {"type": "string"}}}}}}
 
@@ -1629,7 +1751,7 @@ class Metrics:
             self._requests[route, method, status] += 1
             self._durations[route].observe(seconds)
 
-    def observe_event(self, payment, seconds, outcome):
+    def observe_event(self, event, seconds, outcome):
         """A publisher observer: one event acknowledged or refused."""
         refused = isinstance(outcome, BrokerUnavailable)
         with self._lock:
@@ -1656,10 +1778,10 @@ class Metrics:
             ("payment_http_connections_refused_total", "counter", "Connections answered 503 "
              "and closed without a request being read, by reason.",
              [f'{{reason="{r}"}} {server.refusals.counts[r]}' for r in CONNECTION_REFUSALS]),
-            ("payment_events_acknowledged_total", "counter", "payment.succeeded events "
-             "acknowledged by Kafka (answered 200).", [f" {events.get('acknowledged', 0)}"]),
-            ("payment_events_refused_total", "counter", "payment.succeeded events not "
-             "acknowledged (answered 503), by reason.",
+            ("payment_events_acknowledged_total", "counter", "Events acknowledged by "
+             "Kafka (answered 200); the event log names each one.", [f" {events.get('acknowledged', 0)}"]),
+            ("payment_events_refused_total", "counter", "Events not acknowledged "
+             "(answered 503), by reason.",
              [f'{{reason="{r}"}} {events.get(r, 0)}' for r in EVENT_REFUSALS]),
             ("payment_publish_duration_seconds", "histogram", "Time from publishing an event "
              "to its acknowledgement or refusal, by outcome.",
@@ -1681,12 +1803,11 @@ class Metrics:
 
 def event_log_observer(writer):
     """A publisher observer: a log line for each acknowledged event and its place in Kafka."""
-    def observe(payment, seconds, outcome):
+    def observe(event, seconds, outcome):
         if not isinstance(outcome, BrokerUnavailable):
-            writer.write(f"[{clock()[1]}] event acknowledged: {EVENT_TYPE} order_id="
-                         f"{payment.order_id} amount_cents={payment.amount_cents} currency="
-                         f"{payment.currency} topic={outcome.topic} partition="
-                         f"{outcome.partition} offset={outcome.offset}")
+            fields = " ".join(f"{name}={value}" for name, value in event.data.items())
+            writer.write(f"[{clock()[1]}] event acknowledged: {event.type} {fields} topic="
+                         f"{outcome.topic} partition={outcome.partition} offset={outcome.offset}")
     return observe
 
 
@@ -1837,7 +1958,7 @@ def usage():
     """What --help prints: how to run the service, and its settings."""
     width = max(len(name) for name, *_ in ALL_SETTINGS)
     return (f"payment-service {__version__}: a mock payment processor that publishes "
-            f"{EVENT_TYPE} events to Kafka.\n\nusage: [VARIABLE=value ...] python3 "
+            f"payment events to Kafka.\n\nusage: [VARIABLE=value ...] python3 "
             f"payment_service.py [--help]\n\nSettings, read from the environment at start-up:\n"
             f"  {'variable':<{width}}  {'default':<15}  meaning\n" +
             "".join(f"  {name:<{width}}  {default or '-':<15}  {meaning}\n"
@@ -1856,11 +1977,10 @@ def unhealthy_when_stopping(health):
 
 def build_server(config, publisher, log_writer):
     """The layers put together: the server, its routes and its observers."""
-    routes = {path: {method: unhealthy_when_stopping(f) if f is health else f
-                     for method, f in methods.items()} for path, methods in ALL_ROUTES.items()}
-    server = PaymentHTTPServer((config.host, config.port), publisher, routes, config.idle_timeout_s,
-                               config.max_connections, config.header_timeout_s,
-                               config.body_timeout_s, config.forwarded_allow_ips)
+    routes = {path: {method: route._replace(function=unhealthy_when_stopping(health))
+                     if route.function is health else route for method, route in methods.items()}
+              for path, methods in ALL_ROUTES.items()}
+    server = PaymentHTTPServer(config, publisher, routes)
     server.swagger_ui_url, server.metrics = config.swagger_ui_url, Metrics(routes)
     server.observers.append(server.metrics.observe_request)
     publisher.observers.append(server.metrics.observe_event)
@@ -1883,9 +2003,8 @@ def start_publisher(publisher, config, producer_settings, stop):
                         "localhost:9092)", host)
     for attempt in itertools.count():
         try:
-            return publisher.start(make_producer(
-                config.kafka_bootstrap, config.kafka_timeout_s, linger_ms=GROUP_LINGER_MS,
-                metrics_enabled=False, **producer_settings))
+            return publisher.start(make_producer(config, linger_ms=GROUP_LINGER_MS,
+                                                 metrics_enabled=False, **producer_settings))
         except RuntimeError as exc:         # its thread cannot start (a pids limit): retry
             if attempt == 0:
                 log.warning("the Kafka producer cannot start its thread (%s); "
@@ -1910,7 +2029,7 @@ def serve(argv):
     stop.failure = None
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    config = config_from_env(os.environ, ALL_SETTINGS)
+    config = read_config(os.environ, ALL_SETTINGS)
     producer_settings, security = kafka_client_settings(config)
     if importlib.util.find_spec("kafka") is None:
         raise SystemExit("kafka-python is not installed: pip install -r requirements.txt")
@@ -1922,16 +2041,14 @@ def serve(argv):
         with contextlib.suppress(ValueError, OSError):
             hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
-    publisher = GroupCommitPublisher(config.kafka_timeout_s, config.max_pending_events)
+    publisher = GroupCommitPublisher(config)
     try:
         server = build_server(config, publisher, stderr)
     except OSError as exc:
         raise SystemExit(f"HOST={config.host} PORT={config.port}: cannot listen there: "
                          f"{exc.strerror or exc}") from None
-    host = f"[{config.host}]" if ":" in config.host else config.host
-    stdout.write(f"payment-service {__version__} routes:\n{format_routes(server.routes)}\n"
-                 f"listening on http://{host}:{server.server_port} (Kafka "
-                 f"{config.kafka_bootstrap} over {security}, topic {TOPIC})")
+    stdout.write(banner(config, server.routes, server.server_port,
+                        f"{config.kafka_bootstrap} over {security}"))
     if cpu is not None:
         stdout.write(f"every thread runs on CPU {cpu} (PIN_CPU=off lets them spread)")
     stderr.flush(wait_s=1.0)                    # start-up warnings before "listening on"
@@ -1948,7 +2065,7 @@ def serve(argv):
         stop.wait(config.shutdown_delay_s)          # a second signal ends it
     stdout.write("stopping: finishing in-flight requests")
     server.stop(grace_s=config.kafka_timeout_s + 1)
-    publisher.close(timeout_s=2.0)
+    publisher.close(2.0)
     stderr.close()
     if stop.failure:
         raise SystemExit(stop.failure)
@@ -1956,5 +2073,5 @@ def serve(argv):
     stdout.close()
 
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:] != ["--lesson"]:    # the lesson ran above
     serve(sys.argv[1:])

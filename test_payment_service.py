@@ -189,7 +189,7 @@ API document, Swagger UI, metrics and the event log
     against the live service finds nothing
       test_api_document_is_valid_openapi_3_1_of_every_route,
       test_request_schema_accepts_exactly_what_the_validation_accepts,
-      test_every_route_has_api_notes_and_nothing_else_has,
+      test_the_route_table_says_which_routes_read_a_body_and_publish,
       test_openapi_json_and_docs_are_served_with_head,
       test_schemathesis_finds_nothing_against_the_live_service
   - /docs: Swagger UI for that document, loading its files from SWAGGER_UI_URL
@@ -307,7 +307,7 @@ from conftest import (
     cpu_seconds, cpus_allowed_per_thread, dockerfile_healthcheck, free_port,
     fresh_client_answered, hostile_bodies, metric_samples, new_log_writer, new_producer,
     new_publisher, new_server, open_slow_clients, operations, parse_raw_answers,
-    payment_body, port_open, post_records, publish_concurrently, raw_exchange, read_topic,
+    payment_body, payment_event, port_open, post_records, publish_concurrently, raw_exchange, read_topic,
     read_until_closed, real_publisher, record_of, request, rss_mib, run_to_exit, sasl_env, SCRIPT,
     thread_count, trickle, unique_order_id, wait_until,
 )
@@ -332,7 +332,7 @@ def test_help_prints_every_setting_and_exits_0_without_serving():
 def test_format_routes_prints_every_route_from_the_table():
     routes = new_server(new_publisher(1.0, 10)).routes
     lines = ps.format_routes(routes).splitlines()
-    expected = [(m, p, h.__name__) for p, ms in routes.items() for m, h in ms.items()]
+    expected = [(m, p, r.function.__name__) for p, ms in routes.items() for m, r in ms.items()]
     assert [tuple(line.split()) for line in lines] == expected
     assert len(expected) == 14
 
@@ -503,9 +503,18 @@ def test_head_has_the_get_headers_and_no_body(base, path):
 
 # -- the body rules ---------------------------------------------------------
 
+def parse_payment(body):
+    """A body checked by the payment routes' field rules, as the full service checks it."""
+    return ps.parse_body(body, ps.PAYMENT, ps.StrictRequestHandler.json_decoder)
+
+
+def payment(order_id, amount_cents, currency):
+    return {"order_id": order_id, "amount_cents": amount_cents, "currency": currency}
+
+
 def test_parse_payment_accepts_the_contract_and_upper_cases_currency():
     body = b'{"order_id": 123, "amount_cents": 25998, "currency": "usd", "note": [1, {}]}'
-    assert ps.parse_payment(body) == ps.Payment(123, 25998, "USD")
+    assert parse_payment(body) == payment(123, 25998, "USD")
 
 
 def test_unknown_keys_are_ignored(service):
@@ -522,15 +531,15 @@ def test_unknown_keys_are_ignored(service):
 
 @pytest.mark.parametrize("value", [1, 2**63 - 1])
 def test_parse_payment_range_edges_are_valid(value):
-    assert ps.parse_payment(payment_body(value, value)) == ps.Payment(value, value, "USD")
+    assert parse_payment(payment_body(value, value)) == payment(value, value, "USD")
 
 
 def test_whole_numbers_spelled_with_a_fraction_or_exponent_are_those_integers():
     body = b'{"order_id": 9223372036854775807.0, "amount_cents": 2.5e1, "currency": "usd"}'
-    assert ps.parse_payment(body) == ps.Payment(2**63 - 1, 25, "USD")     # exact, no float
+    assert parse_payment(body) == payment(2**63 - 1, 25, "USD")     # exact, no float
     for literal in [b"9223372036854775808.0", b"1e19", b"1e999999999999999999999", b"0.0", b"-1e0"]:
         with pytest.raises(ps.HTTPError) as err:
-            ps.parse_payment(b'{"order_id": ' + literal + b', "amount_cents": 1, "currency": "USD"}')
+            parse_payment(b'{"order_id": ' + literal + b', "amount_cents": 1, "currency": "USD"}')
         assert err.value.status == 422
 
 
@@ -586,7 +595,9 @@ def test_hostile_bodies_get_4xx_or_a_contract_200_and_the_topic_holds_exactly_th
 # -- the event --------------------------------------------------------------
 
 def test_event_record_is_exact_bytes():
-    key, value = ps.payment_succeeded_record(ps.Payment(123, 25998, "USD"))
+    record = payment_event(123, 25998, "USD").record()
+    assert set(record) == {"key", "value"}          # no headers, no partition of its own
+    key, value = record["key"], record["value"]
     assert key == b"123"
     assert value == (b'{"type": "payment.succeeded", "order_id": 123, '
                      b'"amount_cents": 25998, "currency": "USD"}')
@@ -621,7 +632,7 @@ def test_mock_succeed_publishes_the_exact_record(service):
 ])
 def test_parse_payment_rejects_bodies_with_400(body, words):
     with pytest.raises(ps.HTTPError) as err:
-        ps.parse_payment(body)
+        parse_payment(body)
     assert err.value.status == 400
     assert words in err.value.detail
 
@@ -661,7 +672,7 @@ def test_parse_payment_rejects_bodies_with_400(body, words):
 ])
 def test_parse_payment_rejects_fields_with_422_naming_field_and_rule(body, field, rule):
     with pytest.raises(ps.HTTPError) as err:
-        ps.parse_payment(body)
+        parse_payment(body)
     assert err.value.status == 422
     assert err.value.detail.startswith(field + ":") and rule in err.value.detail
 
@@ -974,10 +985,10 @@ def test_publisher_refuses_at_once_past_the_pending_bound():
     publisher = new_publisher(timeout_s=0.05, max_pending=2, producer=producer)
     for order_id in (1, 2):
         with pytest.raises(ps.BrokerUnavailable, match="acknowledge"):
-            publisher.publish(ps.Payment(order_id, 1, "USD"))
+            publisher.publish(payment_event(order_id))
     started = time.monotonic()
     with pytest.raises(ps.BrokerUnavailable, match="already waiting"):
-        publisher.publish(ps.Payment(3, 1, "USD"))
+        publisher.publish(payment_event(3, 1, "USD"))
     assert time.monotonic() - started < 0.05
     assert producer.sent == [b"1", b"2"]                            # nothing more queued
     assert publisher.pending == 2
@@ -987,7 +998,7 @@ def test_publisher_not_started_answers_503_within_the_bound():
     publisher = new_publisher(timeout_s=0.2, max_pending=10)      # no producer yet
     started = time.monotonic()
     with pytest.raises(ps.BrokerUnavailable, match="still starting"):
-        publisher.publish(ps.Payment(1, 1, "USD"))
+        publisher.publish(payment_event(1, 1, "USD"))
     assert 0.2 <= time.monotonic() - started < 0.2 + SLACK_S
 
 
@@ -1085,7 +1096,7 @@ def test_broker_that_stops_answering_gives_503s_bounded_memory_and_recovers(spaw
 
 
 def test_flapping_broker_logs_one_line_per_outage(caplog):
-    broker = new_publisher(1.0, 10).broker
+    broker = new_publisher(1.0, 10).producer.broker
     for _ in range(200):                                 # failures and successes interleaved
         broker.began("KafkaTimeoutError")
         broker.ended()
@@ -1163,13 +1174,13 @@ def test_sigterm_with_many_slow_clients_exits_at_once(spawn, broker):
 # ===========================================================================
 
 def test_config_defaults_and_errors():
-    config = ps.config_from_env({})
+    config = ps.read_config({})
     assert (config.kafka_bootstrap, config.host, config.port) == ("kafka:9092", "127.0.0.1", 8000)
     assert 0 < config.kafka_timeout_s <= 10
     with pytest.raises(SystemExit, match="PORT"):
-        ps.config_from_env({"PORT": "eighty"})
+        ps.read_config({"PORT": "eighty"})
     with pytest.raises(SystemExit, match="KAFKA_TIMEOUT_S"):
-        ps.config_from_env({"KAFKA_TIMEOUT_S": "0"})
+        ps.read_config({"KAFKA_TIMEOUT_S": "0"})
 
 
 def test_ipv6_host_is_served(spawn, broker):
@@ -1265,7 +1276,7 @@ def test_default_client_settings_are_plaintext_with_a_client_id():
 @pytest.mark.parametrize("protocol", ["SASL_SSL", "sasl_plaintext"])
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "scram-sha-512"])
 def test_sasl_settings_reach_the_producer_and_the_password_is_never_shown(protocol, mechanism):
-    config = ps.config_from_env(sasl_env(mechanism, protocol), ps.ALL_SETTINGS)
+    config = ps.read_config(sasl_env(mechanism, protocol), ps.ALL_SETTINGS)
     settings, description = ps.kafka_client_settings(config)
     assert settings == {"security_protocol": protocol.upper(), "client_id": "payment-service",
                         "sasl_mechanism": mechanism.upper(), "sasl_plain_username": "payments",
@@ -1410,7 +1421,7 @@ def test_compose_runs_kafka_then_the_service_built_from_the_dockerfile():
 
 
 def test_bare_run_listens_on_loopback_and_the_image_on_every_address():
-    assert ps.config_from_env({}).host == "127.0.0.1"
+    assert ps.read_config({}).host == "127.0.0.1"
     with open(os.path.join(HERE, "Dockerfile")) as dockerfile:
         assert re.search(r"^\s*HOST=0\.0\.0\.0\b", dockerfile.read(), re.M)
 
@@ -1447,7 +1458,7 @@ def test_api_document_is_valid_openapi_3_1_of_every_route():
     ops = operations(document)
     assert set(ops) == {(p, m) for p, ms in ps.ALL_ROUTES.items() for m in ms}
     for (path, method), op in ops.items():
-        handler = ps.ALL_ROUTES[path][method]
+        handler = ps.ALL_ROUTES[path][method].function
         assert op["summary"] == handler.__doc__.partition("\n")[0]
         statuses = set(op["responses"])
         assert {"200", "400", "404", "405", "408", "414", "431", "500", "503", "505"} <= statuses
@@ -1498,7 +1509,7 @@ def test_request_schema_accepts_exactly_what_the_validation_accepts(body):
     schema = ps.build_api_document(ps.ALL_ROUTES)["components"]["schemas"]["Payment"]
     schema_says = jsonschema.Draft202012Validator(schema).is_valid(body)
     try:
-        ps.parse_payment(json.dumps(body).encode())
+        parse_payment(json.dumps(body).encode())
         service_says = True
     except ps.HTTPError as err:
         assert err.status == 422
@@ -1506,12 +1517,11 @@ def test_request_schema_accepts_exactly_what_the_validation_accepts(body):
     assert schema_says == service_says
 
 
-def test_every_route_has_api_notes_and_nothing_else_has():
-    handlers = {h for methods in ps.ALL_ROUTES.values() for h in methods.values()}
-    assert {h.__name__ for h in handlers} == set(ps.API_NOTES)
-    notes = {h.__name__: ps.api_notes(h) for h in handlers}
-    assert [name for name, n in notes.items() if n["publishes"]] == ["mock_succeed"]
-    assert sorted(name for name, n in notes.items() if n["payment_body"]) == [
+def test_the_route_table_says_which_routes_read_a_body_and_publish():
+    routes = {r.function.__name__: r for methods in ps.ALL_ROUTES.values() for r in methods.values()}
+    assert set(ps.ANSWERS) == set(routes)           # every route's answer is documented
+    assert [name for name, r in routes.items() if r.publishes] == ["mock_succeed"]
+    assert sorted(name for name, r in routes.items() if r.body is ps.PAYMENT) == [
         "create_intent", "mock_succeed"]
 
 
@@ -1574,13 +1584,13 @@ def test_docs_page_in_a_browser_lists_the_operations_and_tries_create_intent(
         browser.evaluate(f"{block}.querySelector('.try-out__btn').click(); true")
         body = browser.wait_for(f"({block}.querySelector('textarea.body-param__text') || {{}}).value",
                                 "the request body editor, filled with the example")
-        assert json.loads(body) == ps.PAYMENT_EXAMPLE
+        assert json.loads(body) == ps.EXAMPLES["Payment"]
         browser.wait_for(f"!!{block}.querySelector('.btn.execute')", "the Execute button")
         browser.evaluate(f"{block}.querySelector('.btn.execute').click(); true")
         shown = browser.wait_for(
             f"({block}.querySelector('.live-responses-table') || {{}}).innerText",
             "the response shown")
-        order_id = ps.PAYMENT_EXAMPLE["order_id"]
+        order_id = ps.EXAMPLES["Payment"]["order_id"]
         assert re.search(r"^200\b", shown, re.M) and f"pay_{order_id}" in shown, shown
     finally:
         browser.close()
@@ -1988,7 +1998,7 @@ def test_group_commit_refuses_at_once_past_the_pending_bound():
     wait_until(lambda: publisher.pending == 4, 5, "4 events pending")
     started = time.monotonic()
     with pytest.raises(ps.BrokerUnavailable, match="already waiting"):
-        publisher.publish(ps.Payment(99, 1, "USD"))
+        publisher.publish(payment_event(99, 1, "USD"))
     assert time.monotonic() - started < 0.05
     release.set()
     waiting.join(10)
@@ -2034,7 +2044,7 @@ def test_close_delivers_what_is_waiting_then_closes_within_its_timeout():
     assert results == {order_id: None for order_id in range(1, 21)}
     assert producer.closed and publisher.pending == 0
     with pytest.raises(ps.BrokerUnavailable, match="closed"):
-        publisher.publish(ps.Payment(21, 1, "USD"))
+        publisher.publish(payment_event(21, 1, "USD"))
 
 
 def test_group_commit_against_the_real_broker_acknowledges_each_record(broker):
