@@ -266,6 +266,9 @@ Reading the code
       test_the_lesson_is_400_lines_at_most_and_uses_no_name_from_below_it,
       test_the_lesson_alone_serves_the_contract_against_a_real_broker,
       test_the_lesson_alone_answers_503_within_kafka_timeout_s_without_a_broker
+  - it is the core, not a copy: the full service runs every function of the lesson
+    but its main()
+      test_the_full_service_runs_every_function_of_the_lesson
 The index above
   - it names only tests that exist, and every test of this file
       test_the_index_names_only_tests_that_exist, test_every_test_here_is_in_the_index
@@ -2159,21 +2162,68 @@ def test_the_lesson_is_400_lines_at_most_and_uses_no_name_from_below_it():
     assert not undefined, f"the lesson uses names it does not define: {undefined}"
 
 
-@pytest.fixture
-def lesson_service(tmp_path):
-    """The lesson alone, as a module of its own, served by its main()."""
+@pytest.fixture(params=["lesson.py --lesson", "payment_service.py --lesson"])
+def lesson_service(request, tmp_path, spawn):
+    """The lesson alone, served by its main(): cut out as lesson.py, or the whole file
+    asked to stop at the marker."""
     (tmp_path / "lesson.py").write_text(the_lesson())
-    started = []
+    script, flag = request.param.split()
+    path = tmp_path / script if script == "lesson.py" else SCRIPT
+    return lambda bootstrap, **env: spawn(bootstrap, argv=[sys.executable, str(path), flag], **env)
 
-    def start(bootstrap, **env):
-        svc = ServiceProcess(bootstrap, argv=[sys.executable, "-c", "import lesson; lesson.main()"],
-                             cwd=tmp_path, **env)
-        started.append(svc)
-        return svc
 
-    yield start
-    for svc in started:
-        svc.kill()
+# Runs payment_service.py as __main__ with a profiler that notes the first line of
+# every function of the lesson that is called, in any thread; writes them on exit.
+LESSON_TRACER = """
+import json, runpy, sys, threading
+path, out = sys.argv.pop(1), sys.argv.pop(1)
+with open(path) as f:
+    end = next(n for n, line in enumerate(f, 1) if line.startswith("# ===") and "lesson" in line)
+ran = set()
+
+def profile(frame, event, arg):
+    if event == "call" and frame.f_code.co_filename == path and frame.f_lineno < end:
+        ran.add(frame.f_code.co_firstlineno)
+
+threading.setprofile(profile)
+sys.setprofile(profile)
+try:
+    runpy.run_path(path, run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump(sorted(ran), f)
+"""
+
+
+def test_the_full_service_runs_every_function_of_the_lesson(spawn, tansu, tmp_path):
+    """Not a copy: each lesson function but main() runs in the full service (a layer
+    that replaced one outright would leave it unrun)."""
+    (tmp_path / "tracer.py").write_text(LESSON_TRACER)
+    broker = tansu()
+    broker.create_topic()
+    svc = spawn(broker.bootstrap, argv=[sys.executable, str(tmp_path / "tracer.py"), SCRIPT,
+                                        str(tmp_path / "ran.json")],
+                HEADER_TIMEOUT_S=0.5, KAFKA_TIMEOUT_S=1)
+    order_id = unique_order_id()
+    for method, path, body, status in [
+            ("GET", "/health", None, 200), ("HEAD", "/v1/_info", None, 200),
+            ("POST", CREATE, payment_body(order_id), 200), ("POST", SUCCEED, payment_body(order_id), 200),
+            ("POST", CREATE, payment_body(0), 422), ("POST", CREATE, b"[]", 400),
+            ("GET", "/nope", None, 404), ("DELETE", "/health", None, 405)]:
+        assert request(svc.base, method, path, body).status == status, path
+    with socket.create_connection(svc.base) as sock:       # a head that never ends: 408
+        sock.sendall(b"GET /hea")
+        assert read_until_closed(sock, 5).startswith(b"HTTP/1.1 408 ")
+    broker.kill()
+    assert request(svc.base, "POST", SUCCEED, payment_body(order_id)).status == 503
+    assert svc.stop()[0] == 0
+    with open(tmp_path / "ran.json") as f:
+        ran = set(json.load(f))
+    lesson = ast.parse(the_lesson())
+    functions = {node.lineno: node.name for node in ast.walk(lesson)
+                 if isinstance(node, ast.FunctionDef) and node.name != "main"}
+    assert len(functions) > 20
+    assert sorted(name for line, name in functions.items() if line not in ran) == []
 
 
 def test_the_lesson_alone_serves_the_contract_against_a_real_broker(lesson_service, tansu):
@@ -2204,10 +2254,7 @@ def test_the_lesson_alone_answers_503_within_kafka_timeout_s_without_a_broker(le
     answer = request(svc.base, "POST", SUCCEED, payment_body(unique_order_id()))
     assert answer.status == 503 and "Kafka" in answer.json()["detail"]
     assert time.monotonic() - started < 1 + SLACK_S
-
-
-# ===========================================================================
-# The lesson at the top of payment_service.py, cut at its marker and run alone.
+    assert answer.headers["retry-after"] == "1"
 
 
 # ===========================================================================
