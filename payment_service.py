@@ -617,6 +617,7 @@ class StrictRequestHandler(PaymentRequestHandler):
         self.close_connection, self.body_unread = True, False
         self.requestline = self.command = self.path = ""
         self.request_version, self.client = "HTTP/1.1", self.client_address[0]
+        self.headers = {}
         if self.server.stopping:
             return
         try:
@@ -650,7 +651,27 @@ class StrictRequestHandler(PaymentRequestHandler):
             self.parse_request()
         except HTTPError as exc:
             return exc.status, {"detail": exc.detail}, exc.headers
+        if self.command == "OPTIONS" and self.allowed_origin() and \
+                "access-control-request-method" in self.headers:
+            return self.preflight() or super().dispatch()
         return super().dispatch()
+
+    def allowed_origin(self):
+        """This request's Origin if CORS_ALLOW_ORIGINS lets its pages call (else None)."""
+        allowed, origin = self.server.cors_origins, self.headers.get("origin")
+        if allowed and origin and (allowed == "*" or origin in allowed):
+            return "*" if allowed == "*" else origin
+        return None
+
+    def preflight(self):
+        """A browser asking whether its page may call this path: 204 with what it may
+        send (None for a path without routes: 404 as usual)."""
+        methods = self.server.routes.get(self.path.partition("?")[0])
+        return methods and (204, None, [
+            ("Access-Control-Allow-Methods", ", ".join(methods)),
+            ("Access-Control-Allow-Headers",
+             self.headers.get("access-control-request-headers") or "Content-Type"),
+            ("Access-Control-Max-Age", "600")])
 
     def parse_request(self):
         """The request line and header fields, strictly: 400, 414, 431, 505."""
@@ -760,6 +781,8 @@ class StrictRequestHandler(PaymentRequestHandler):
     def send_json(self, status, payload, headers=()):
         if type(payload) is Document:               # /openapi.json, /docs, /metrics
             return self.send_body(status, *payload, headers)
+        if status == 204:                           # a CORS preflight: no body
+            return self.send_body(status, "", b"", headers)
         return super().send_json(status, payload, headers)
 
     def send_body(self, status, content_type, body, headers=()):
@@ -778,9 +801,15 @@ class StrictRequestHandler(PaymentRequestHandler):
     def send_response(self, code, message=None):
         self._head = [f"HTTP/1.1 {code} {self.responses[code][0]}\r\n"
                       f"Server: {self.server_version}\r\nDate: {clock()[0]}\r\n"]
+        if self.server.cors_origins and self.command and (origin := self.allowed_origin()):
+            self._head.append(f"Access-Control-Allow-Origin: {origin}\r\n"
+                              "Access-Control-Expose-Headers: Retry-After, Allow\r\n" +
+                              (origin != "*") * "Vary: Origin\r\n")
+        self._no_content = code == 204
 
     def send_header(self, keyword, value):
-        self._head.append(f"{keyword}: {value}\r\n")
+        if not (self._no_content and keyword.startswith("Content-")):   # RFC 9110 8.6
+            self._head.append(f"{keyword}: {value}\r\n")
 
     def end_headers(self):
         if self.close_connection:
@@ -862,7 +891,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     def __init__(self, config, publisher, routes):
         self.publisher, self.routes, self.trusted_proxies = publisher, routes, \
             config.forwarded_allow_ips
-        self.idle_timeout_s = config.idle_timeout_s
+        self.idle_timeout_s, self.cors_origins = config.idle_timeout_s, config.cors_allow_origins
         self.header_timeout_s, self.body_timeout_s = config.header_timeout_s, config.body_timeout_s
         self.observers = []         # f(handler, status, size) for each answer
         self.draining = False       # a stop is coming: health says 503, connections close
@@ -1920,6 +1949,15 @@ def networks(name, text):
                          f"separated by commas") from None
 
 
+def origins(name, text):
+    """CORS_ALLOW_ORIGINS: "" (no CORS headers), "*", or scheme://host[:port] origins."""
+    listed = [part.strip().rstrip("/") for part in text.split(",") if part.strip()]
+    if text.strip() == "*" or all(re.fullmatch(r"https?://[^/\s,*]+", o) for o in listed):
+        return "*" if text.strip() == "*" else frozenset(listed)
+    raise SystemExit(f"{name}={text!r} is not *, nor origins such as http://localhost:5173 "
+                     f"separated by commas")
+
+
 LAYER_SETTINGS = [
     ("MAX_PENDING_EVENTS", "1000", number(int, 1, 10**6),
      "events waiting for the broker at most; past it, 503 at once"),
@@ -1950,7 +1988,9 @@ LAYER_SETTINGS = [
      "PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512 (SASL_* protocols)"),
     ("KAFKA_SASL_USERNAME", "", printable, "SASL user name"),
     ("KAFKA_SASL_PASSWORD", "", secret, "SASL password (never printed)"),
-    ("KAFKA_CLIENT_ID", "payment-service", printable, "the client id the broker sees")]
+    ("KAFKA_CLIENT_ID", "payment-service", printable, "the client id the broker sees"),
+    ("CORS_ALLOW_ORIGINS", "", origins,
+     "origins whose pages may call the API from a browser: * or a comma-separated list")]
 ALL_SETTINGS = SETTINGS + LAYER_SETTINGS
 
 
@@ -1970,7 +2010,7 @@ def unhealthy_when_stopping(health):
     @functools.wraps(health)
     def route(server, body):
         if server.draining:
-            raise HTTPError(503, "the service is stopping")
+            raise HTTPError(503, "the service is stopping", [("Retry-After", "1")])
         return health(server, body)
     return route
 

@@ -195,6 +195,10 @@ API document, Swagger UI, metrics and the event log
   - /docs: Swagger UI for that document, loading its files from SWAGGER_UI_URL
       test_openapi_json_and_docs_are_served_with_head,
       test_docs_page_in_a_browser_lists_the_operations_and_tries_create_intent
+  - CORS_ALLOW_ORIGINS lets pages of those origins call the API from a browser (a
+    preflight OPTIONS answers 204; every answer to them carries
+    Access-Control-Allow-Origin); without it a browser refuses such calls
+      test_a_page_on_another_origin_may_call_the_api_only_with_cors_allow_origins
   - /metrics: Prometheus text; exact counts, bounded labels
       test_metrics_count_the_requests_events_and_the_503,
       test_schemathesis_finds_nothing_against_the_live_service,
@@ -1526,6 +1530,51 @@ def test_the_route_table_says_which_routes_read_a_body_and_publish():
     assert [name for name, r in routes.items() if r.publishes] == ["mock_succeed"]
     assert sorted(name for name, r in routes.items() if r.body is ps.PAYMENT) == [
         "create_intent", "mock_succeed"]
+
+
+@pytest.mark.parametrize("allowed", [True, False], ids=["with CORS_ALLOW_ORIGINS", "without"])
+def test_a_page_on_another_origin_may_call_the_api_only_with_cors_allow_origins(
+        spawn, broker, tmp_path, allowed):
+    """A checkout page served from another origin, in headless Chromium, calls
+    create-intent and mock-succeed with fetch(): the browser asks first (a preflight
+    OPTIONS) and sends the POST only when the service allows that origin."""
+    browser_or_skip()
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "checkout.html").write_text("<!DOCTYPE html><title>checkout</title>")
+    site = StaticFiles(tmp_path / "site")
+    svc = spawn(broker, **({"CORS_ALLOW_ORIGINS": f"http://localhost:5173, {site.url}"}
+                           if allowed else {}))
+    order_id = unique_order_id() >> 10                  # within 2**53: exact in JavaScript
+    browser = Chromium(tmp_path / "chromium-profile")
+    try:
+        browser.call("Page.navigate", url=f"{site.url}/checkout.html")
+        browser.wait_for("document.title === 'checkout'", "the checkout page")
+        results = browser.evaluate(f"""(async () => {{
+            const answers = [];
+            for (const path of {json.dumps([CREATE, SUCCEED])}) {{
+                try {{
+                    const r = await fetch("http://127.0.0.1:{svc.port}" + path, {{
+                        method: "POST", headers: {{"Content-Type": "application/json"}},
+                        body: JSON.stringify({{order_id: {order_id}, amount_cents: 25998,
+                                              currency: "USD"}})}});
+                    answers.push([r.status, await r.json()]);
+                }} catch (error) {{ answers.push(["refused by the browser", error.name]); }}
+            }}
+            return answers;
+        }})()""")
+    finally:
+        browser.close()
+        site.close()
+    on_topic = [tuple(r[:2]) for r in read_topic(broker) if r.key == str(order_id).encode()]
+    if allowed:
+        assert results == [[200, {"payment_id": f"pay_{order_id}", "client_secret":
+                                  f"secret_{order_id}"}], [200, {"status": "ok"}]]
+        assert on_topic == [record_of(order_id)]
+    else:
+        assert results == [["refused by the browser", "TypeError"]] * 2
+        assert on_topic == []                           # the POST was never sent
+    preflights = re.findall(r'"OPTIONS /payment/v1/payments/[a-z-]+ HTTP/1.1" (\d+)', svc.output)
+    assert preflights == (["204", "204"] if allowed else ["405", "405"])
 
 
 def test_openapi_json_and_docs_are_served_with_head(base):
