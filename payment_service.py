@@ -59,7 +59,7 @@ class Field(NamedTuple):
     low: int
     high: int
     meaning: str
-    pattern: str = ""
+    pattern: re.Pattern = None
     convert: Callable = None    # applied to a valid value (str.upper: "usd" -> "USD")
 
 
@@ -67,7 +67,7 @@ PAYMENT = {
     "order_id": Field(int, 1, MAX_ID, "the order's id"),
     "amount_cents": Field(int, 1, MAX_ID, "the amount in cents"),
     "currency": Field(str, 3, 3, "a string of exactly three ASCII letters",
-                      "[A-Za-z]{3}", str.upper),
+                      re.compile("[A-Za-z]{3}"), str.upper),
 }
 
 
@@ -156,7 +156,7 @@ def check_field(obj, name, rule):
         if not rule.low <= value <= rule.high:
             raise HTTPError(422, f"{name}: must be between {rule.low} and {rule.high}")
     elif not (type(value) is rule.kind and rule.low <= len(value) <= rule.high
-              and re.fullmatch(rule.pattern or ".*", value, re.DOTALL)):
+              and (rule.pattern is None or rule.pattern.fullmatch(value))):
         raise HTTPError(422, f"{name}: must be {rule.meaning}")
     return rule.convert(value) if rule.convert else value
 
@@ -821,7 +821,8 @@ class StrictRequestHandler(PaymentRequestHandler):
 
     def log_request(self, code="-", size="-"):
         """An answer: to the server's observers (the metrics, the access log)."""
-        self.server.observe(self, code, size)
+        for observer in self.server.observers:
+            observer(self, code, size)
 
     def log_error(self, format, *args):
         log.error("client %s: " + format, self.client, *args, exc_info=True)
@@ -930,10 +931,6 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
 
     def shutdown_request(self, request):
         request.close()     # not shutdown(): the Lingerer's copy decides when input ends
-
-    def observe(self, handler, status, size):
-        for observer in self.observers:
-            observer(handler, status, size)
 
     def trusts(self, address):
         return self.trusted_proxies == "*" or any(
@@ -1530,14 +1527,17 @@ class LogWriter(logging.Handler):
         super().close()
 
 
-def access_log_line(handler, status, size):
-    """Common Log Format, the client as a trusted proxy names it, the request
-    line escaped and cut to 1,000 characters (the log grows no faster than requests)."""
-    line = handler.requestline
-    if len(line) > 1000:
-        line = f"{line[:1000]}... ({len(line)} characters)"
-    line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'{handler.client} - - [{clock()[1]}] "{line}" {status} {size}'
+def access_log(writer):
+    """A server observer writing a Common Log Format line per answer: the client as a
+    trusted proxy names it, the request line escaped and cut to 1,000 characters."""
+    def observe(handler, status, size):
+        line = handler.requestline
+        if len(line) > 1000:
+            line = f"{line[:1000]}... ({len(line)} characters)"
+        if not (line.isascii() and line.isprintable()) or '"' in line or "\\" in line:
+            line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
+        writer.write(f'{handler.client} - - [{clock()[1]}] "{line}" {status} {size}')
+    return observe
 
 
 # ===========================================================================
@@ -1612,7 +1612,7 @@ def field_schema(rule):
                 f"number written as 2.0 or 2e0 is that integer" + BIG_INTEGERS * (rule.high > 2**53)}
     # the lengths too: a Python-flavoured '$' also matches before a final newline
     return {"type": "string", "minLength": rule.low, "maxLength": rule.high,
-            **({"pattern": f"^{rule.pattern}$"} if rule.pattern else {}),
+            **({"pattern": f"^{rule.pattern.pattern}$"} if rule.pattern else {}),
             "description": rule.meaning + (rule.convert is str.upper) * "; upper-cased"}
 
 
@@ -2025,7 +2025,7 @@ def build_server(config, publisher, log_writer):
     server.observers.append(server.metrics.observe_request)
     publisher.observers.append(server.metrics.observe_event)
     if config.access_log:
-        server.observers.append(lambda *answer: log_writer.write(access_log_line(*answer)))
+        server.observers.append(access_log(log_writer))
     if config.event_log:
         publisher.observers.append(event_log_observer(log_writer))
     return server
