@@ -1701,11 +1701,12 @@ def operation_ids(routes):
     ids, taken = {}, set()
     for path, method in sorted(((p, m) for p, ms in routes.items() for m in ms),
                                key=lambda pm: pm[0].count("/")):
-        words = re.findall("[A-Za-z0-9]+", path)
-        for count in range(1, len(words) + 1):
-            name = "".join(w.title() for w in words[-count:])
+        segments = path.strip("/").split("/")
+        for count in range(1, len(segments) + 1):
+            words = re.findall("[A-Za-z0-9]+", " ".join(segments[-count:]))
+            name = "".join(word.title() for word in words)
             name = name[0].lower() + name[1:] if method == "POST" else method.lower() + name
-            if name not in taken or count == len(words):
+            if name not in taken or count == len(segments):
                 break
         ids[path, method] = name
         taken.add(name)

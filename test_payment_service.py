@@ -1486,8 +1486,15 @@ def test_api_document_is_valid_openapi_3_1_of_every_route():
     media = {path: ops[(path, "GET")]["responses"]["200"]["content"]
              for path in ("/openapi.json", "/docs", "/metrics")}
     assert list(media["/docs"]) == ["text/html"] and list(media["/metrics"]) == [ps.PROMETHEUS_TEXT]
+    ids = [op["operationId"] for op in ops.values()]      # short and unique, for generated clients
+    assert len(set(ids)) == len(ids) and all(re.fullmatch("[a-z][A-Za-z]{2,19}", i) for i in ids)
+    assert [ops[key]["operationId"] for key in [(CREATE, "POST"), (SUCCEED, "POST"), ("/health", "GET"),
+            ("/health", "HEAD"), ("/payment/health", "GET")]] == [
+        "createIntent", "mockSucceed", "getHealth", "headHealth", "getPaymentHealth"]
+    assert {tag for op in ops.values() for tag in op["tags"]} == {t["name"] for t in document["tags"]}
     payment = document["components"]["schemas"]["Payment"]
     assert payment["properties"]["order_id"]["maximum"] == ps.MAX_ID
+    assert "2**53" in payment["properties"]["order_id"]["description"]
     assert str(ps.MAX_BODY_BYTES) in ops[(CREATE, "POST")]["responses"]["413"]["description"]
 
 
