@@ -22,8 +22,7 @@ line, header fields, an empty line, then Content-Length bytes of body::
 The server answers a status line ("HTTP/1.1 200 OK"), header fields and a body; the
 connection stays open for the next request (keep-alive). A status's first digit is its
 class: 2xx done, 4xx the client's mistake, 5xx the server's trouble (503: retry later).
-http.server reads the head; our handler finds the route, checks the body by the
-route's field rules, runs the route and answers JSON.
+http.server reads the head; our handler routes it, checks the body and answers JSON.
 
 Kafka in brief. A broker is a Kafka server; brokers keep records, each a key and a
 value (bytes; JSON here), in topics split into partitions: records with one key go
@@ -71,8 +70,7 @@ PAYMENT = {
 }
 
 
-# -- Routes: a route takes the server (for its publisher) and the body's fields (a dict,
-# checked by the route's rules), and returns a 200's JSON object, or raises HTTPError --
+# -- Routes: f(server, the body's checked fields) -> a 200's JSON object, or HTTPError --
 def health(server, fields):
     """Liveness: answers while the process serves, broker or not."""
     return {"status": "ok"}
@@ -182,10 +180,9 @@ class BrokerUnavailable(HTTPError):
 
 
 def make_producer(config, **settings):
-    """The one KafkaProducer, every wait bounded by KAFKA_TIMEOUT_S (imported here:
-    kafka-python imports slowly). No idempotence: kafka-python's never recovers from an
-    expired batch or a restarted broker, so delivery is at-least-once."""
-    from kafka import KafkaProducer
+    """The one KafkaProducer, every wait bounded by KAFKA_TIMEOUT_S. No idempotence: kafka-
+    python's never recovers from an expired batch or a restarted broker: at-least-once."""
+    from kafka import KafkaProducer             # here, not on top: it imports slowly
 
     timeout_ms = int(config.kafka_timeout_s * 1000)
     return KafkaProducer(bootstrap_servers=config.kafka_bootstrap, acks="all",
@@ -277,7 +274,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
 
     def read_body(self):
         """The POST body: 415 unless it is JSON; the connection closes unless it is read."""
-        keep_open, self.close_connection = not self.close_connection, True
+        keep_open = not self.close_connection
         length = self.body_length()
         content_type = self.headers.get("content-type", "application/json")
         if content_type.partition(";")[0].strip(" \t").lower() != "application/json":
@@ -291,6 +288,7 @@ class PaymentRequestHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("content-length")
         if length is None:
             raise HTTPError(411, "Content-Length required")
+        self.close_connection = True        # until it is read: its bytes are no request
         if not (length.isascii() and length.isdigit()):
             raise HTTPError(400, "Content-Length must be a non-negative integer")
         if len(length) > 7 or int(length) > MAX_BODY_BYTES:    # int() refuses 5,000 digits
@@ -733,16 +731,6 @@ class StrictRequestHandler(PaymentRequestHandler):
                 raise HTTPError(400, "conflicting Content-Length headers")
         raise HTTPError(431, f"more than {MAX_HEADERS} header fields")
 
-    def read_body(self):
-        close, _ = self.close_connection, self.reader.await_body(self.server.body_timeout_s)
-        try:
-            body = super().read_body()
-        finally:
-            self.reader.done()
-            self.close_connection = close       # body_unread decides (send_body)
-        self.body_unread = False
-        return body
-
     def body_length(self):
         """Content-Length, or None for a chunked body (not both: smuggling); 400, 501."""
         coding = self.headers.get("transfer-encoding")
@@ -757,11 +745,18 @@ class StrictRequestHandler(PaymentRequestHandler):
         return None
 
     def read_exactly(self, length):
-        """The body, once the client that asked is told to send it (Expect: 100-continue)."""
+        """The body within BODY_TIMEOUT_S, once a client that asked is told to send it
+        (Expect: 100-continue)."""
         if self.headers.get("expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
-        return self.read_chunked() if length is None else super().read_exactly(length)
+        self.reader.await_body(self.server.body_timeout_s)
+        try:
+            body = self.read_chunked() if length is None else super().read_exactly(length)
+        finally:
+            self.reader.done()
+        self.body_unread = False
+        return body
 
     def read_chunked(self):
         """A chunked body (RFC 9112 7.1): size line, data, CRLF; trailers dropped."""
