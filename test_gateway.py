@@ -706,6 +706,7 @@ def test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0(s
         answered = time.monotonic()
         for status, headers, body in (health, payment_health):
             assert status == 503 and headers["connection"] == "close"
+            assert headers["retry-after"] == "1"
             assert body == b'{"detail": "the service is stopping"}'
         for status, headers, _ in (info, succeed):
             assert status == 200 and headers["connection"] == "close"

@@ -1017,6 +1017,7 @@ def test_process_without_broker_serves_then_recovers_when_broker_appears(spawn, 
     started = time.monotonic()
     answer = request(svc.base, "POST", SUCCEED, payment_body(unique_order_id()))
     assert answer.status == 503 and "Kafka" in answer.json()["detail"]
+    assert answer.headers["retry-after"] == "1"             # urllib3's Retry waits that long
     assert time.monotonic() - started < BOUND_S + SLACK_S
     broker = tansu(port)
     order_id = unique_order_id()
