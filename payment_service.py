@@ -128,8 +128,9 @@ class HTTPError(Exception):
 
 
 def parse_body(body, fields, decoder=json.JSONDecoder()):
-    """The fields of a UTF-8 JSON object body, each checked by its rule; unknown keys
-    are ignored. Else HTTPError: 400 if the body is not a JSON object, 422 for a field."""
+    """The fields of a UTF-8 JSON object body, each checked by its Field rule; unknown
+    keys are ignored. Else HTTPError: 400 if the body is not a JSON object, 422 naming
+    the field and its rule."""
     try:
         obj = decoder.decode(body.decode("utf-8"))
     except UnicodeDecodeError:
@@ -140,23 +141,21 @@ def parse_body(body, fields, decoder=json.JSONDecoder()):
         raise HTTPError(400, f"body is not valid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise HTTPError(400, "body must be a JSON object")
-    return {name: check_field(obj, name, rule) for name, rule in fields.items()}
-
-
-def check_field(obj, name, rule):
-    """obj[name] by its Field rule, else HTTPError 422 naming the field and the rule."""
-    if name not in obj:
-        raise HTTPError(422, f"{name}: field required")
-    value = obj[name]
-    if rule.kind is int:
-        if type(value) is not int:              # bool is an int subclass: excluded
-            raise HTTPError(422, f"{name}: must be a JSON integer")
-        if not rule.low <= value <= rule.high:
-            raise HTTPError(422, f"{name}: must be between {rule.low} and {rule.high}")
-    elif not (type(value) is rule.kind and rule.low <= len(value) <= rule.high
-              and (rule.pattern is None or rule.pattern.fullmatch(value))):
-        raise HTTPError(422, f"{name}: must be {rule.meaning}")
-    return rule.convert(value) if rule.convert else value
+    checked = {}
+    for name, (kind, low, high, meaning, pattern, convert) in fields.items():
+        value = obj.get(name, obj)              # obj itself: the field is missing
+        if value is obj:
+            raise HTTPError(422, f"{name}: field required")
+        if kind is int:
+            if type(value) is not int:          # bool is an int subclass: excluded
+                raise HTTPError(422, f"{name}: must be a JSON integer")
+            if not low <= value <= high:
+                raise HTTPError(422, f"{name}: must be between {low} and {high}")
+        elif not (type(value) is kind and low <= len(value) <= high
+                  and (pattern is None or pattern.fullmatch(value))):
+            raise HTTPError(422, f"{name}: must be {meaning}")
+        checked[name] = convert(value) if convert else value
+    return checked
 
 
 # -- Kafka: one event, sent, flushed, then this record's own acknowledgement ------
