@@ -1248,11 +1248,11 @@ def cgroup_limit(controller, file_name):
 # request from its own record's future: the lesson's three steps, once per group.
 
 class GroupCommit:
-    """The producer underneath the lesson's publish(), as a group commit: send()
-    queues the record for one publisher thread, which sends every record waiting,
-    flushes once and settles each from its own future; flush() waits until this
-    thread's record is through that flush; the future send() returns holds its outcome.
-    At most max_pending records wait; before start(producer), sends wait for it."""
+    """The producer under the lesson's publish(): send() queues the record for one
+    publisher thread, which sends every record waiting, flushes once and settles each
+    from its own future; flush() waits until the caller's record is through that flush;
+    send()'s future holds the outcome. At most max_pending wait; until start(producer),
+    sends wait for it."""
 
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
@@ -1266,14 +1266,12 @@ class GroupCommit:
         self._closed = False
 
     def start(self, producer):
-        """Publish through this producer from now on (requests before it wait)."""
         self.producer = producer
         self._thread = threading.Thread(target=self._run, name="kafka-publisher", daemon=True)
         self._thread.start()
         self._started.set()
 
     def send(self, topic, **record):
-        """Queue the record for the publisher thread: its future (a _Publication)."""
         deadline = time.monotonic() + self.timeout_s
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
@@ -1290,7 +1288,6 @@ class GroupCommit:
         return publication
 
     def flush(self, timeout=None):
-        """Wait until this thread's last record has been through a group's flush."""
         if not self._mine.publication.settled.acquire(timeout=timeout):
             raise self._timeout_error()
 
@@ -1359,7 +1356,7 @@ class GroupCommit:
         return sys.modules["kafka.errors"].KafkaTimeoutError(
             f"no acknowledgement within {self.timeout_s:g} s")
 
-    def close(self, timeout=None):
+    def close(self, timeout):
         """Deliver what is still pending, within timeout, and close."""
         if self.producer is not None:
             deadline, self._closed = time.monotonic() + timeout, True
@@ -1383,9 +1380,7 @@ class _Publication:
         self.settled.acquire()
 
     def get(self, timeout=None):
-        """This record's RecordMetadata once settled (flush() waited for it), or its error."""
-        if self.outcome is None and not self.settled.acquire(timeout=timeout):
-            raise sys.modules["kafka.errors"].KafkaTimeoutError("no acknowledgement in time")
+        """Its RecordMetadata once settled (flush() waited for that), or its error."""
         if isinstance(self.outcome, Exception):
             raise self.outcome
         return self.outcome
@@ -1407,7 +1402,7 @@ class GroupCommitPublisher(Publisher):
     def publish(self, event):
         started = time.perf_counter()
         try:
-            outcome = super().publish(event)
+            outcome = Publisher.publish(self, event)
         except BrokerUnavailable as exc:
             outcome = exc
         for observer in self.observers:
