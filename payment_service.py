@@ -1826,7 +1826,7 @@ def event_log_observer(writer):
     """A publisher observer: a log line for each acknowledged event and its place in Kafka."""
     def observe(event, seconds, outcome):
         if not isinstance(outcome, BrokerUnavailable):
-            fields = " ".join(f"{name}={value}" for name, value in event.data.items())
+            fields = " ".join([f"{name}={value}" for name, value in event.data.items()])
             writer.write(f"[{clock()[1]}] event acknowledged: {event.type} {fields} topic="
                          f"{outcome.topic} partition={outcome.partition} offset={outcome.offset}")
     return observe
