@@ -64,12 +64,13 @@ def main():
     def lesson_server():
         server = lesson.http.server.ThreadingHTTPServer(("127.0.0.1", 0),
                                                        lesson.PaymentRequestHandler)
-        server.routes, server.publisher = lesson.ROUTES, lesson.Publisher(FakeProducer(), 5.0)
+        config = lesson.read_config({})
+        server.routes, server.publisher = lesson.ROUTES, lesson.Publisher(FakeProducer(), config)
         return server
 
     def full_server():
-        publisher = full.GroupCommitPublisher(5.0, 1000)
-        config = full.config_from_env({"PORT": "0"}, full.ALL_SETTINGS)
+        config = full.read_config({"PORT": "0"}, full.ALL_SETTINGS)
+        publisher = full.GroupCommitPublisher(config)
         server = full.build_server(config, publisher, full.LogWriter(devnull.fileno()))
         publisher.start(FakeProducer())
         return server
