@@ -163,6 +163,7 @@ Behind a reverse proxy
     rolling restart (SHUTDOWN_DELAY_S: health 503 first, then the stop)
       test_posts_at_the_moment_the_old_service_closed_idle_connections_all_succeed,
       test_posts_around_traefiks_own_idle_close_all_succeed,
+      test_the_shipped_idle_timeout_outlasts_traefiks_default,
       test_restarting_each_of_two_replicas_under_load_fails_no_request,
       test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0
   - chunked bodies, direct and through Traefik (node's fetch, HTTP/2 to Traefik);
