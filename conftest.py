@@ -47,6 +47,15 @@ SLACK_S = 1.5            # scheduling slack on a busy 2-core machine
 SHUTDOWN_BOUND_S = BOUND_S + 3   # the README: SIGTERM exits within KAFKA_TIMEOUT_S + 3 s
 SECRET_PASSWORD = "pw-" + uuid.uuid4().hex          # grepped for in every output
 IN_CI = os.environ.get("CI") == "true"
+# The tests run in parallel (pytest-xdist, pytest.ini). Those that load the machine
+# or measure what such a load disturbs (the attacks, floods, the connection bound,
+# descriptor and pids limits, the 3,200-event load) are one group: one worker
+# runs them one after another, never two at once.
+one_at_a_time = pytest.mark.xdist_group("one-at-a-time")
+# Tests that keep a CPU busy for long (generated inputs, uploads, load through
+# Traefik, whose health check times out when starved): one at a time too, beside
+# the group above, so at most two busy tests share the 2 cores a quick test also needs.
+cpu_heavy = pytest.mark.xdist_group("cpu-heavy")
 SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
     HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
 

@@ -28,7 +28,7 @@ import yaml
 
 import payment_service as ps
 from conftest import (
-    BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Stream, Tansu, free_port,
+    BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Stream, Tansu, cpu_heavy, free_port,
     parse_raw_answers, payment_body, raw_exchange, read_topic, record_of, unique_order_id,
     wait_until)
 
@@ -489,6 +489,7 @@ def served_load(replica):
     return f'"POST {SUCCEED} HTTP/1.1" 200' in replica.output
 
 
+@cpu_heavy
 @pytest.mark.slow
 def test_restarting_each_of_two_replicas_under_load_fails_no_request(kafka, replicas, traefik):
     pair = [replicas(kafka, SHUTDOWN_DELAY_S=SHUTDOWN_DELAY_S) for _ in range(2)]
@@ -608,6 +609,7 @@ def test_a_transfer_coding_other_than_chunked_is_501(gateway, coding):
 # Large bodies: the 413 reaches the client through Traefik, never a 502
 # ---------------------------------------------------------------------------
 
+@cpu_heavy
 def test_4_mib_bodies_through_traefik_are_answered_413_every_time(gateway, tmp_path):
     _, proxy = gateway
     url = f"http://127.0.0.1:{proxy.port}{SUCCEED}"
