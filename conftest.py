@@ -56,6 +56,24 @@ one_at_a_time = pytest.mark.xdist_group("one-at-a-time")
 # Traefik, whose health check times out when starved): one at a time too, beside
 # the group above, so at most two busy tests share the 2 cores a quick test also needs.
 cpu_heavy = pytest.mark.xdist_group("cpu-heavy")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """--dist loadgroup as pytest-xdist means it: a test marked xdist_group(name) gets
+    "@name" at the end of its node id, by which the controller sends the whole group
+    to one worker. pytest-xdist 3.8.0 writes item._nodeid, which pytest 9.2 no longer
+    reads (a node's id is item._id now): without this, every group is ignored."""
+    if not getattr(config.option, "loadgroup", False):        # set on xdist's workers
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):       # not done by xdist already
+            item._id = NodeId.parse(item.nodeid + suffix)
 SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
     HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
 
