@@ -1018,7 +1018,7 @@ def pids_cgroup():
     try:
         os.mkdir(path)
     except OSError as exc:
-        pytest.skip(f"no pids cgroup to create here: {exc}")
+        skip_or_fail_in_ci(f"no pids cgroup (v1) to create here (root needed): {exc}")
     yield path
     with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
         for pid in f.read().split():
@@ -1178,16 +1178,20 @@ class StaticFiles:
         self.server.server_close()
 
 
+def skip_or_fail_in_ci(message):
+    """What a test cannot run without is missing: skipped here, failed in CI (CI=true)."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def browser_or_skip():
     missing = [what for what, present in [
         ("chromium", shutil.which("chromium")),
         (f"swagger-ui-dist at {SWAGGER_UI_DIST}",
          os.path.exists(os.path.join(SWAGGER_UI_DIST, "swagger-ui-bundle.js")))] if not present]
     if missing:
-        message = "not installed: " + ", ".join(missing) + " (.ci/run installs them)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail_in_ci("not installed: " + ", ".join(missing) + " (.ci/run installs them)")
 
 
 # ---------------------------------------------------------------------------
