@@ -47,6 +47,14 @@ SLACK_S = 1.5            # scheduling slack on a busy 2-core machine
 SHUTDOWN_BOUND_S = BOUND_S + 3   # the README: SIGTERM exits within KAFKA_TIMEOUT_S + 3 s
 SECRET_PASSWORD = "pw-" + uuid.uuid4().hex          # grepped for in every output
 IN_CI = os.environ.get("CI") == "true"
+SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
+    HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
+
+
+# ---------------------------------------------------------------------------
+# In parallel: pytest-xdist's groups
+# ---------------------------------------------------------------------------
+
 # The tests run in parallel (pytest-xdist, pytest.ini). Those that load the machine
 # or measure what such a load disturbs (the attacks, floods, the connection bound,
 # descriptor and pids limits, the 3,200-event load) are one group: one worker
@@ -74,8 +82,6 @@ def pytest_collection_modifyitems(config, items):
         suffix = "@" + "_".join(names)
         if names and not item.nodeid.endswith(suffix):       # not done by xdist already
             item._id = NodeId.parse(item.nodeid + suffix)
-SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
-    HERE, ".ci", "npm", "node_modules", "swagger-ui-dist")
 
 
 # ---------------------------------------------------------------------------
