@@ -52,6 +52,39 @@ SWAGGER_UI_DIST = os.environ.get("SWAGGER_UI_DIST") or os.path.join(
 
 
 # ---------------------------------------------------------------------------
+# In parallel: pytest-xdist's groups
+# ---------------------------------------------------------------------------
+
+# The tests run in parallel (pytest-xdist, pytest.ini). Those that load the machine
+# or measure what such a load disturbs (the attacks, floods, the connection bound,
+# descriptor and pids limits, the 3,200-event load) are one group: one worker
+# runs them one after another, never two at once.
+one_at_a_time = pytest.mark.xdist_group("one-at-a-time")
+# Tests that keep a CPU busy for long (generated inputs, uploads, load through
+# Traefik, whose health check times out when starved): one at a time too, beside
+# the group above, so at most two busy tests share the 2 cores a quick test also needs.
+cpu_heavy = pytest.mark.xdist_group("cpu-heavy")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """--dist loadgroup as pytest-xdist means it: a test marked xdist_group(name) gets
+    "@name" at the end of its node id, by which the controller sends the whole group
+    to one worker. pytest-xdist 3.8.0 writes item._nodeid, which pytest 9.2 no longer
+    reads (a node's id is item._id now): without this, every group is ignored."""
+    if not getattr(config.option, "loadgroup", False):        # set on xdist's workers
+        return
+    from _pytest.nodeid import NodeId
+
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):       # not done by xdist already
+            item._id = NodeId.parse(item.nodeid + suffix)
+
+
+# ---------------------------------------------------------------------------
 # Ports and waiting
 # ---------------------------------------------------------------------------
 
@@ -1000,7 +1033,7 @@ def pids_cgroup():
     try:
         os.mkdir(path)
     except OSError as exc:
-        pytest.skip(f"no pids cgroup to create here: {exc}")
+        skip_or_fail_in_ci(f"no pids cgroup (v1) to create here (root needed): {exc}")
     yield path
     with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
         for pid in f.read().split():
@@ -1160,16 +1193,20 @@ class StaticFiles:
         self.server.server_close()
 
 
+def skip_or_fail_in_ci(message):
+    """What a test cannot run without is missing: skipped here, failed in CI (CI=true)."""
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def browser_or_skip():
     missing = [what for what, present in [
         ("chromium", shutil.which("chromium")),
         (f"swagger-ui-dist at {SWAGGER_UI_DIST}",
          os.path.exists(os.path.join(SWAGGER_UI_DIST, "swagger-ui-bundle.js")))] if not present]
     if missing:
-        message = "not installed: " + ", ".join(missing) + " (.ci/run installs them)"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail_in_ci("not installed: " + ", ".join(missing) + " (.ci/run installs them)")
 
 
 # ---------------------------------------------------------------------------

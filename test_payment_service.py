@@ -163,6 +163,7 @@ Behind a reverse proxy
     rolling restart (SHUTDOWN_DELAY_S: health 503 first, then the stop)
       test_posts_at_the_moment_the_old_service_closed_idle_connections_all_succeed,
       test_posts_around_traefiks_own_idle_close_all_succeed,
+      test_the_shipped_idle_timeout_outlasts_traefiks_default,
       test_restarting_each_of_two_replicas_under_load_fails_no_request,
       test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0
   - chunked bodies, direct and through Traefik (node's fetch, HTTP/2 to Traefik);
@@ -313,8 +314,9 @@ from conftest import (
     browser_or_skip, client_settings, close_all, compose_services, consumer_settings, contract_payment,
     cpu_seconds, cpus_allowed_per_thread, dockerfile_healthcheck, free_port,
     fresh_client_answered, hostile_bodies, metric_samples, new_log_writer, new_producer,
-    new_publisher, new_server, open_slow_clients, operations, parse_raw_answers,
-    payment_body, payment_event, port_open, post_records, publish_concurrently, raw_exchange, read_topic,
+    cpu_heavy, new_publisher, new_server, one_at_a_time, open_slow_clients, operations,
+    parse_raw_answers, payment_body, payment_event, port_open, post_records,
+    publish_concurrently, raw_exchange, read_topic,
     read_until_closed, real_publisher, record_of, request, rss_mib, run_to_exit, sasl_env, SCRIPT,
     thread_count, trickle, unique_order_id, wait_until,
 )
@@ -557,6 +559,7 @@ def test_json_content_types_are_accepted(base, content_type):
     assert request(base, "POST", CREATE, payment_body(7), headers).status == 200
 
 
+@cpu_heavy
 @pytest.mark.slow
 def test_hostile_bodies_get_4xx_or_a_contract_200_and_the_topic_holds_exactly_the_200s(
         fuzz_service):
@@ -964,6 +967,7 @@ def test_record_failed_after_a_successful_flush_is_503_saying_the_broker_refused
     assert publisher.pending == 0
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_32_clients_x_100_events_all_acknowledged_and_on_the_topic(spawn, tansu):
     broker = tansu()
@@ -1164,6 +1168,7 @@ def test_sigterm_while_kafka_python_is_still_loading_exits_at_once(spawn):
     assert "Traceback" not in svc.output
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_sigterm_with_many_slow_clients_exits_at_once(spawn, broker):
     svc = spawn(broker)
@@ -1598,6 +1603,7 @@ def test_openapi_json_and_docs_are_served_with_head(base):
         assert (head.status, int(head.headers["content-length"]), head.body) == (200, length, b"")
 
 
+@cpu_heavy
 def test_schemathesis_finds_nothing_against_the_live_service(spawn, broker, tmp_path):
     """Schemathesis' generated requests, every check, the service as users run it."""
     svc = spawn(broker, ACCESS_LOG=0, EVENT_LOG=0)
@@ -1749,6 +1755,7 @@ def test_event_log_off(spawn, broker):
 # Each test proves a limit against the real service process, with smaller
 # numbers than production's.
 
+@one_at_a_time
 def test_at_the_bound_idle_and_half_read_connections_make_room_longest_waiting_first(
         spawn, broker):
     svc = spawn(broker, MAX_CONNECTIONS=64, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30)
@@ -1770,6 +1777,7 @@ def test_at_the_bound_idle_and_half_read_connections_make_room_longest_waiting_f
     assert svc.stop()[0] == 0
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_500_idle_connections_neither_block_nor_linger(spawn, broker):
     svc = spawn(broker, IDLE_TIMEOUT_S=5)
@@ -1795,6 +1803,7 @@ def test_500_idle_connections_neither_block_nor_linger(spawn, broker):
     assert svc.stop()[0] == 0
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_threads_bounded(
         spawn, broker):
@@ -1851,6 +1860,7 @@ def test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_thre
           f"RSS {rss_before:.0f} MiB before, {rss_after:.0f} MiB after")
 
 
+@one_at_a_time
 def test_at_the_bound_with_every_connection_inside_a_request_503_at_once(spawn, tansu):
     broker = tansu()
     broker.create_topic()
@@ -1920,6 +1930,7 @@ def test_body_sent_slowly_gets_408_below_the_rate_or_at_the_body_deadline(
     assert timeout_s - 0.2 <= waited < timeout_s + SLACK_S
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
         spawn, broker, pids_cgroup):
@@ -1948,6 +1959,7 @@ def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
     assert "Traceback" not in svc.output
 
 
+@one_at_a_time
 @pytest.mark.slow
 def test_at_the_descriptor_limit_fresh_clients_are_served_without_spinning(spawn, broker):
     import resource
