@@ -472,7 +472,7 @@ def test_the_shipped_idle_timeout_outlasts_traefiks_default():
     services = load_yaml(COMPOSE_FILE)["services"]
     assert not [arg for arg in services["traefik"]["command"] if "idleconntimeout" in arg.lower()]
     assert "serversTransports" not in load_yaml(ROUTING_FILE)["http"]
-    shipped = ps.config_from_env({}, ps.ALL_SETTINGS).idle_timeout_s
+    shipped = ps.read_config({}, ps.ALL_SETTINGS).idle_timeout_s
     replicas = [spec for name, spec in services.items() if name.startswith("payment")]
     for idle_s in [shipped] + [spec["environment"].get("IDLE_TIMEOUT_S", shipped)
                                for spec in replicas]:
