@@ -1406,8 +1406,7 @@ class GroupCommitPublisher(Publisher):
         return outcome
 
 
-# How long the sender may hold a record unasked: a flush sends at once, so no event waits.
-GROUP_LINGER_MS = 5
+GROUP_LINGER_MS = 5     # the sender may hold a record this long unasked; a flush sends at once
 
 
 def cpu_choice(name, text):
@@ -1443,9 +1442,9 @@ def current_cpu():
 
 
 class LogWriter(logging.Handler):
-    """Lines for stdout or stderr (also a logging handler), written by a thread of their own a
-    few times a second: a request only appends to a deque. An output that takes nothing costs
-    lines (counted, then said), never a request."""
+    """Lines for stdout or stderr (also a logging handler), written by a thread
+    of their own a few times a second: a request only appends to a deque. An
+    output that takes nothing costs lines (counted, then said), never a request."""
 
     most_queued = 10_000
     chunk = 4096                # PIPE_BUF: a pipe that polls writable takes it whole
@@ -1707,7 +1706,7 @@ def build_api_document(routes):
 
 
 UNMATCHED = "unmatched"         # the route label of every path not in the routes
-METHODS = frozenset("GET HEAD POST PUT DELETE PATCH OPTIONS TRACE CONNECT".split())  # else other
+METHODS = frozenset("GET HEAD POST PUT DELETE PATCH OPTIONS TRACE CONNECT".split())  # else "other"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 EVENT_REFUSALS = ("producer_starting", "too_many_pending", "timeout", "broker_refused",
                   "unreachable", "stopping")
