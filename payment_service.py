@@ -1815,9 +1815,8 @@ def event_log_observer(writer):
 # ===========================================================================
 # Layer 5. Kafka beyond localhost: TLS and SASL
 # ===========================================================================
-# Keeps "a combination of settings that cannot work stops start-up with one
-# line naming the setting, not 503s later; the password is never printed"
-# (README: Configuration; docs/kafka-security.md).
+# Keeps "settings that cannot work together stop start-up with one line naming the setting,
+# not 503s later; the password is never printed" (README: Configuration; docs/kafka-security.md).
 
 class Secret(str):
     """A password: the real text for kafka-python, '***' wherever it is shown."""
