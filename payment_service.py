@@ -1241,25 +1241,21 @@ def cgroup_limit(controller, file_name):
 # ===========================================================================
 # Layer 3. Speed: the group commit, one CPU, the log writer
 # ===========================================================================
-# Keeps "200 only on this record's own acknowledgement, 503 within
-# KAFKA_TIMEOUT_S, at most MAX_PENDING_EVENTS waiting" (README: Delivery
-# guarantees) at the kafka-python ceiling (bench/README.md). One publisher thread
-# takes every record waiting, sends them all, flushes once and settles each
-# request from its own record's future: the lesson's three steps, once per group.
+# Keeps "200 only on this record's own acknowledgement, 503 within KAFKA_TIMEOUT_S, at most
+# MAX_PENDING_EVENTS waiting" (README: Delivery guarantees) at the kafka-python ceiling
+# (bench/README.md): the lesson's three steps, once per group of waiting records.
 
 class GroupCommit:
-    """The producer under the lesson's publish(): send() queues the record for one
-    publisher thread, which sends every record waiting, flushes once and settles each
-    from its own future; flush() waits until the caller's record is through that flush;
-    send()'s future holds the outcome. At most max_pending wait; until start(producer),
-    sends wait for it."""
+    """The producer under the lesson's publish(): send() queues the record for one publisher
+    thread, which sends every record waiting, flushes once and settles each from its own
+    future; flush() waits for the caller's record to settle; send()'s future holds the
+    outcome. At most max_pending wait; until start(producer), sends wait for it."""
 
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
         self.pending = 0            # records queued or sent, not yet acknowledged or failed
         self.broker = Episodes("Kafka is unavailable; mock-succeed answers 503 until it is "
                                "back", "Kafka acknowledges events again")
-        self.refuse_after = float("inf")    # a stop: no publish that would end after this
         self._lock, self._started = threading.Lock(), threading.Event()
         self._waiting = queue.SimpleQueue()     # _Publication, then None to stop the thread
         self._mine = threading.local()          # the calling thread's last record
@@ -1275,7 +1271,7 @@ class GroupCommit:
         deadline = time.monotonic() + self.timeout_s
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
-        if self._closed or deadline > self.refuse_after:
+        if self._closed:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
         with self._lock:
@@ -1334,8 +1330,7 @@ class GroupCommit:
                          if future.is_done else flush_error or self._timeout_error())
 
     def _settle(self, publication, outcome):
-        """Answer the record's request, note the broker's state, and free its
-        pending slot once the producer is done with it."""
+        """Answer its request, note the broker's state; free its slot once the producer is done."""
         future = publication.future
         if future is None or future.is_done:
             self._free_slot()
@@ -1387,8 +1382,7 @@ class _Publication:
 
 
 class GroupCommitPublisher(Publisher):
-    """The lesson's Publisher over a GroupCommit, telling observers
-    f(event, seconds, RecordMetadata or BrokerUnavailable) of each event."""
+    """The lesson's Publisher over a GroupCommit; observers(event, seconds, its outcome)."""
 
     def __init__(self, config):
         super().__init__(GroupCommit(config.kafka_timeout_s, config.max_pending_events), config)
@@ -1412,14 +1406,11 @@ class GroupCommitPublisher(Publisher):
         return outcome
 
 
-# How long the sender may hold a record unasked: a flush sends at once, so no event
-# waits, but a group's first records do not leave alone.
-GROUP_LINGER_MS = 5
+GROUP_LINGER_MS = 5     # the sender may hold a record this long unasked; a flush sends at once
 
 
 def cpu_choice(name, text):
-    """PIN_CPU: "auto" (the CPU the process starts on: instances on a host spread),
-    "off", or a CPU this process may run on (why one CPU: bench/README.md)."""
+    """PIN_CPU: "auto" (the CPU it starts on), "off", or a CPU it may run on (bench/README.md)."""
     value = text.strip().lower()
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if value in ("auto", "off") or value.isascii() and value.isdigit() and int(value) in allowed:
@@ -1489,26 +1480,24 @@ class LogWriter(logging.Handler):
     def flush(self, wait_s=0.0):
         """Write what is queued while the output takes it within wait_s."""
         with self._flushing:
-            self._write([self._lines.popleft() for _ in range(len(self._lines))], wait_s)
-
-    def _write(self, lines, wait_s):
-        if self.dropped:
-            lines.append(f"{self.dropped} log lines dropped: the output could not take them")
-            self.dropped = 0
-        data = "".join(f"{line}\n" for line in lines).encode("utf-8", "backslashreplace")
-        poller, start = select.poll(), 0
-        poller.register(self._fd, select.POLLOUT)
-        while start < len(data):
-            if not poller.poll(wait_s * 1000):
-                self.dropped += data.count(b"\n", start)
-                return
-            end = data.rfind(b"\n", start, start + self.chunk) + 1 or start + self.chunk
-            try:                                # whole lines, no copy of the rest
-                start += os.write(self._fd, memoryview(data)[start:end])
-            except BlockingIOError:
-                continue
-            except OSError:                     # the output is gone: nothing better to do
-                return
+            lines = [self._lines.popleft() for _ in range(len(self._lines))]
+            if self.dropped:
+                lines.append(f"{self.dropped} log lines dropped: the output could not take them")
+                self.dropped = 0
+            data = "".join(f"{line}\n" for line in lines).encode("utf-8", "backslashreplace")
+            poller, start = select.poll(), 0
+            poller.register(self._fd, select.POLLOUT)
+            while start < len(data):
+                if not poller.poll(wait_s * 1000):
+                    self.dropped += data.count(b"\n", start)
+                    return
+                end = data.rfind(b"\n", start, start + self.chunk) + 1 or start + self.chunk
+                try:                            # whole lines, no copy of the rest
+                    start += os.write(self._fd, memoryview(data)[start:end])
+                except BlockingIOError:
+                    continue
+                except OSError:                 # the output is gone: nothing better to do
+                    return
 
     def close(self, wait_s=1.0):
         self._stop.set()
@@ -1534,9 +1523,8 @@ def access_log(writer):
 # ===========================================================================
 # Layer 4. Self-description: /openapi.json, /docs, /metrics, the event log
 # ===========================================================================
-# Keeps "the API document is derived from the routing table and the rules, so it cannot drift,
-# and the metrics count every answer and event exactly" (README: More; docs/observability.md).
-# They plug in as routes and as observers of the server (each answer) and publisher (each event).
+# Keeps "the API document is derived from the routing table and rules, so it cannot drift, and
+# the metrics count every answer and event exactly" (README: More; docs/observability.md).
 
 class Document(NamedTuple):
     """An answer that is not a JSON object built per request: sent as is."""
@@ -1577,30 +1565,27 @@ SELF_DESCRIPTION_ROUTES = {path: {"GET": Route(function), "HEAD": Route(function
                                                   ("/docs", swagger_ui), ("/metrics", metrics)]}
 ALL_ROUTES = {**ROUTES, **SELF_DESCRIPTION_ROUTES}
 STATUS_OK = {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}
-# What a 200 answer holds, by function: its JSON schema, or the media type of a non-JSON
-# one. Optional: a route missing here is documented as answering a JSON object.
+# A 200's JSON schema, or a non-JSON answer's media type, by function (default: a JSON object).
 ANSWERS = {
     "health": STATUS_OK, "mock_succeed": STATUS_OK,
-    "service_info": {
-        "type": "object", "required": ["service", "version"],
-        "properties": {"service": {"const": "payment"}, "version": {"const": __version__}}},
-    "create_intent": {
-        "type": "object", "required": ["payment_id", "client_secret"],
-        "properties": {"payment_id": {"type": "string", "pattern": "^pay_[0-9]+$"},
-                       "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}},
+    "service_info": {"type": "object", "required": ["service", "version"], "properties": {
+        "service": {"const": "payment"}, "version": {"const": __version__}}},
+    "create_intent": {"type": "object", "required": ["payment_id", "client_secret"], "properties": {
+        "payment_id": {"type": "string", "pattern": "^pay_[0-9]+$"},
+        "client_secret": {"type": "string", "pattern": "^secret_[0-9]+$"}}},
     "openapi_document": {"type": "object", "required": ["openapi", "info", "paths"]},
     "swagger_ui": "text/html", "metrics": PROMETHEUS_TEXT}
 EXAMPLES = {"Payment": {"order_id": 123, "amount_cents": 25998, "currency": "USD"}}
-BIG_INTEGERS = ("; past 2**53 (9007199254740992) a JavaScript client's JSON.parse rounds it "
-                "(read it as a BigInt there)")
 
 
 def field_schema(rule):
-    """A Field's JSON schema: exactly what check_field() accepts."""
+    """A Field's JSON schema: exactly what parse_body() accepts."""
     if rule.kind is int:
         return {"type": "integer", "minimum": rule.low, "maximum": rule.high, "description":
                 f"{rule.meaning}: a JSON integer (not a boolean, fraction or string); a whole "
-                f"number written as 2.0 or 2e0 is that integer" + BIG_INTEGERS * (rule.high > 2**53)}
+                f"number written as 2.0 or 2e0 is that integer" + (rule.high > 2**53) * (
+                    "; past 2**53 (9007199254740992) a JavaScript client's JSON.parse rounds "
+                    "it (read it as a BigInt there)")}
     # the lengths too: a Python-flavoured '$' also matches before a final newline
     return {"type": "string", "minLength": rule.low, "maxLength": rule.high,
             **({"pattern": f"^{rule.pattern.pattern}$"} if rule.pattern else {}),
@@ -1621,7 +1606,7 @@ def body_schema(fields):
 
 def error_statuses(method, route):
     """{status: when} for every error answer a request to this operation can get."""
-    post, body, publishes = method == "POST", bool(route.body), route.publishes
+    post, body, health = method == "POST", bool(route.body), route.function.__name__ == "health"
     errors = {
         400: "a malformed request line or header line, control characters in the request "
              "line, or an HTTP/1.1 request without exactly one Host" + post * (
@@ -1644,34 +1629,33 @@ def error_statuses(method, route):
         500: "an unexpected error (the traceback goes to the server's log)",
         501: post * "a transfer coding other than chunked",
         503: "MAX_CONNECTIONS connections are held and none is idle or slow" +
-             (route.function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
-             publishes * ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
-                          "MAX_PENDING_EVENTS events are already waiting for it") +
+             health * "; the service is stopping (SHUTDOWN_DELAY_S)" + route.publishes * (
+                 "; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
+                 "MAX_PENDING_EVENTS events are already waiting for it") +
              ". Retry-After says when to try again (seconds)",
         505: "an HTTP version other than 1.0 or 1.1"}
     return {status: when for status, when in errors.items() if when}
 
 
-def describe_operation(path, method, route, operation_id):
+def describe_operation(method, route, operation_id):
     """The OpenAPI operation object of one route."""
-    answer = ANSWERS.get(route.function.__name__, {"type": "object"})
-    media_type = answer if isinstance(answer, str) else "application/json"
+    function = route.function
+    answer = ANSWERS.get(function.__name__, {"type": "object"})
     error = {"$ref": "#/components/schemas/Error"}
     headers = {405: ("Allow", "the methods the path has, comma-separated"),
                503: ("Retry-After", "seconds to wait before trying again")}
 
-    def response(description, media_type, schema, status):
+    def response(status, description, media_type, schema):
         return {"description": description, **({"headers": {headers[status][0]: {
                     "required": True, "schema": {"type": "string"},
                     "description": headers[status][1]}}} if status in headers else {}),
                 **({} if method == "HEAD" else {"content": {media_type: {"schema": schema}}})}
 
-    responses = {"200": response("OK", media_type, {"type": "string"} if isinstance(answer, str)
-                                 else answer, 200)}
+    responses = {"200": response(200, "OK", answer, {"type": "string"}) if isinstance(answer, str)
+                 else response(200, "OK", "application/json", answer)}
     for status, when in error_statuses(method, route).items():
-        responses[str(status)] = response(f"{http.HTTPStatus(status).phrase}: {when}",
-                                          "application/json", error, status)
-    function = route.function
+        responses[str(status)] = response(status, f"{http.HTTPStatus(status).phrase}: {when}",
+                                          "application/json", error)
     operation = {"operationId": operation_id, "tags": ["payments" if route.body else "service"],
                  "summary": (function.__doc__ or function.__name__).partition("\n")[0].strip(),
                  "description": f"Handler: {function.__name__}" + (method == "HEAD") * (
@@ -1686,9 +1670,8 @@ def describe_operation(path, method, route, operation_id):
 
 
 def operation_ids(routes):
-    """{(path, method): a short unique operationId}: a POST by its last path segment
-    (createIntent), others by method and as few last segments as tell them apart
-    (getHealth, getPaymentHealth)."""
+    """{(path, method): a short unique operationId}: a POST by its last path segment (createIntent),
+    others by method and as few last segments as tell them apart (getHealth, getPaymentHealth)."""
     ids, taken = {}, set()
     for path, method in sorted(((p, m) for p, ms in routes.items() for m in ms),
                                key=lambda pm: pm[0].count("/")):
@@ -1707,25 +1690,23 @@ def operation_ids(routes):
 def build_api_document(routes):
     """The OpenAPI 3.1 document of every route in routes."""
     ids = operation_ids(routes)
-    bodies = {body_name(r.body): r.body for ms in routes.values() for r in ms.values() if r.body}
+    schemas = {body_name(r.body): body_schema(r.body)
+               for methods in routes.values() for r in methods.values() if r.body}
     return {"openapi": "3.1.0",
             "info": {"title": "payment-service", "version": __version__,
                      "description": __doc__.split("\n\n")[1]},
             "tags": [{"name": "payments", "description": "Payment intents and their events"},
                      {"name": "service", "description": "Health, version and self-description"}],
-            "paths": {path: {method.lower(): describe_operation(path, method, route,
-                                                                ids[path, method])
+            "paths": {path: {method.lower(): describe_operation(method, route, ids[path, method])
                              for method, route in methods.items()}
                       for path, methods in routes.items()},
-            "components": {"schemas": {**{name: body_schema(fields)
-                                          for name, fields in bodies.items()}, "Error": {
+            "components": {"schemas": {**schemas, "Error": {
                 "type": "object", "required": ["detail"],
                 "properties": {"detail": {"type": "string"}}}}}}
 
 
 UNMATCHED = "unmatched"         # the route label of every path not in the routes
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE",
-                     "CONNECT"})   # any other method is counted as "other"
+METHODS = frozenset("GET HEAD POST PUT DELETE PATCH OPTIONS TRACE CONNECT".split())  # else "other"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 EVENT_REFUSALS = ("producer_starting", "too_many_pending", "timeout", "broker_refused",
                   "unreachable", "stopping")
@@ -1784,7 +1765,7 @@ class Metrics:
     def answer(self, server):
         """The /metrics answer: a consistent copy under the lock, rendered outside it."""
         with self._lock:
-            requests, events = sorted(self._requests.items()), dict(self._events)
+            requests, events = sorted(self._requests.items()), self._events.copy()
             durations = {r: Histogram(h.counts, h.sum) for r, h in self._durations.items()}
             publish = {o: Histogram(h.counts, h.sum) for o, h in self._publish.items()}
             broker_available = self._broker_available
@@ -1799,11 +1780,10 @@ class Metrics:
             ("payment_http_connections_refused_total", "counter", "Connections answered 503 "
              "and closed without a request being read, by reason.",
              [f'{{reason="{r}"}} {server.refusals.counts[r]}' for r in CONNECTION_REFUSALS]),
-            ("payment_events_acknowledged_total", "counter", "Events acknowledged by "
-             "Kafka (answered 200); the event log names each one.", [f" {events.get('acknowledged', 0)}"]),
-            ("payment_events_refused_total", "counter", "Events not acknowledged "
-             "(answered 503), by reason.",
-             [f'{{reason="{r}"}} {events.get(r, 0)}' for r in EVENT_REFUSALS]),
+            ("payment_events_acknowledged_total", "counter", "Events acknowledged by Kafka "
+             "(answered 200); the event log names each one.", [f" {events['acknowledged']}"]),
+            ("payment_events_refused_total", "counter", "Events not acknowledged (answered 503), "
+             "by reason.", [f'{{reason="{r}"}} {events[r]}' for r in EVENT_REFUSALS]),
             ("payment_publish_duration_seconds", "histogram", "Time from publishing an event "
              "to its acknowledgement or refusal, by outcome.",
              [s for o, h in publish.items() for s in h.samples(f'outcome="{o}"')]),
@@ -1835,9 +1815,8 @@ def event_log_observer(writer):
 # ===========================================================================
 # Layer 5. Kafka beyond localhost: TLS and SASL
 # ===========================================================================
-# Keeps "a combination of settings that cannot work stops start-up with one
-# line naming the setting, not 503s later; the password is never printed"
-# (README: Configuration; docs/kafka-security.md).
+# Keeps "settings that cannot work together stop start-up with one line naming the setting,
+# not 503s later; the password is never printed" (README: Configuration; docs/kafka-security.md).
 
 class Secret(str):
     """A password: the real text for kafka-python, '***' wherever it is shown."""
