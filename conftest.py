@@ -1271,3 +1271,337 @@ def contract_payment(body):
     if not (isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency)):
         return None
     return ids[0], ids[1], currency.upper()
+
+
+# ---------------------------------------------------------------------------
+# Apache Kafka, started from its jars (resolved by Maven from .ci/kafka/pom.xml)
+# ---------------------------------------------------------------------------
+# Brokers run in KRaft mode on free loopback ports, one JVM per node. The single
+# broker is a combined broker+controller; the cluster has a dedicated controller,
+# so that stopping brokers never loses the quorum.
+
+KAFKA_VERSION = "4.1.2"                   # what compose.yaml runs
+KAFKA_VERSIONS = ("4.1.2", "4.4.0")       # the contract runs against each
+KAFKA_POM = os.path.join(HERE, ".ci", "kafka", "pom.xml")
+KAFKA_LOG4J = os.path.join(HERE, ".ci", "kafka", "log4j2.properties")
+KAFKA_INSTALL = ("install Java 17 and Maven to run the Apache Kafka tests "
+                 "(Debian: apt-get install openjdk-17-jre-headless maven)")
+KAFKA_CACHE = os.path.join(os.path.expanduser("~"), ".m2", "payment-service-kafka")
+
+
+def kafka_unavailable(reason):
+    """Skip a test that needs Apache Kafka; in CI (CI=true) fail it instead."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI runs every Apache Kafka test)", pytrace=False)
+    pytest.skip(reason)
+
+
+def java_17():
+    """True when `java` is Java 17 or later."""
+    if not shutil.which("java"):
+        return False
+    done = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60)
+    found = re.search(r'version "(\d+)', done.stderr)
+    return bool(found) and int(found[1]) >= 17
+
+
+def kafka_classpath(version=KAFKA_VERSION):
+    """The broker's runtime classpath for this version, resolved by Maven once
+    (into the local Maven repository) and cached on disk; skips the test
+    (fails it in CI) without Java 17 or Maven."""
+    if not (java_17() and shutil.which("mvn")):
+        kafka_unavailable(KAFKA_INSTALL)
+    with open(KAFKA_POM, "rb") as f:
+        pom = hashlib.sha256(f.read()).hexdigest()[:12]
+    cached = os.path.join(KAFKA_CACHE, f"classpath-{version}-{pom}.txt")
+    with contextlib.suppress(OSError), open(cached) as f:
+        classpath = f.read().strip()
+        if all(os.path.exists(jar) for jar in classpath.split(os.pathsep)):
+            return classpath
+    os.makedirs(KAFKA_CACHE, exist_ok=True)
+    partial = f"{cached}.{os.getpid()}"
+    done = subprocess.run(
+        ["mvn", "-q", "-B", "-f", KAFKA_POM, f"-Dkafka.version={version}",
+         "dependency:build-classpath", f"-Dmdep.outputFile={partial}"],
+        capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        kafka_unavailable(f"Maven could not resolve Apache Kafka {version}: "
+                          f"{(done.stdout + done.stderr).strip()[-500:]}")
+    os.replace(partial, cached)
+    with open(cached) as f:
+        return f.read().strip()
+
+
+def kafka_properties(**settings):
+    return "".join(f"{name.replace('_', '.')}={value}\n" for name, value in settings.items())
+
+
+class KafkaNode:
+    """One Apache Kafka JVM (KRaft): formatted once, then started, stopped,
+    killed, paused and restarted on the same ports and data.
+
+    listeners: {name: (security protocol, port)}, the first one the clients'."""
+
+    def __init__(self, classpath, folder, node_id, roles, quorum, listeners, settings):
+        self.classpath, self.folder, self.node_id = classpath, folder, node_id
+        self.roles, self.listeners = roles, listeners
+        self.port = next(iter(listeners.values()))[1]
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.config = os.path.join(folder, "server.properties")
+        self.proc, self.log = None, os.path.join(folder, "kafka.log")
+        os.makedirs(folder, exist_ok=True)
+        names = {name: protocol for name, (protocol, _) in listeners.items()}
+        client_names = [name for name in listeners if name != "CONTROLLER"]
+        base = dict(
+            process_roles=roles, node_id=node_id,
+            controller_quorum_bootstrap_servers=quorum,
+            listeners=",".join(f"{n}://127.0.0.1:{p}" for n, (_, p) in listeners.items()),
+            controller_listener_names="CONTROLLER",
+            listener_security_protocol_map=",".join(f"{n}:{p}" for n, p in names.items()),
+            log_dirs=os.path.join(folder, "data"),
+            # start and recover fast: one partition log dir, no rebalance delay
+            num_partitions=4, group_initial_rebalance_delay_ms=0,
+            offsets_topic_num_partitions=4, auto_create_topics_enable="false")
+        if "broker" in roles:
+            base.update(advertised_listeners=",".join(
+                f"{n}://127.0.0.1:{listeners[n][1]}" for n in client_names),
+                inter_broker_listener_name=client_names[-1])
+        base.update(settings)
+        with open(self.config, "w") as f:
+            f.write(kafka_properties(**base))
+
+    def java(self, main, *args, heap="384m"):
+        return ["java", f"-Xmx{heap}", "-Xms64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                "-Xshare:auto", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={KAFKA_LOG4J}", "-cp", self.classpath, main, *args]
+
+    def format(self, cluster_id, *args):
+        """kafka-storage format (StorageTool); args: --standalone, --add-scram ..."""
+        done = subprocess.run(self.java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+                                        "-c", self.config, *args, heap="128m"),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"kafka-storage format failed:\n{done.stdout}{done.stderr}"
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.java("kafka.Kafka", self.config),
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout_s=60.0):
+        deadline = time.monotonic() + timeout_s
+        while not port_open(self.port):
+            assert self.proc.poll() is None, f"Kafka node {self.node_id} exited:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"Kafka node {self.node_id} did not listen"
+            time.sleep(0.1)
+
+    def tail(self, lines=40):
+        with open(self.log, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s=30.0):
+        """SIGTERM (a controlled shutdown), then SIGKILL if it does not exit in time."""
+        if self.running:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+
+    def pause(self):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        if self.running:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def kafka_admin(bootstrap, **settings):
+    from kafka.admin import KafkaAdminClient
+    return KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **settings)
+
+
+def create_kafka_topic(bootstrap, partitions=4, replication=1, timeout_s=60.0, **settings):
+    """payment.events, created once the brokers are up (retried while they register)."""
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    configs = {"min.insync.replicas": "2"} if replication > 1 else {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = kafka_admin(bootstrap, **settings)
+            try:
+                admin.create_topics([NewTopic(ps.TOPIC, partitions, replication,
+                                              topic_configs=configs)])
+            finally:
+                admin.close()
+            return
+        except TopicAlreadyExistsError:
+            return
+        except (KafkaError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def wait_for_leaders(bootstrap, partitions=4, timeout_s=60.0, **settings):
+    """Until every partition of the topic has a leader, as a fresh producer sees it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=5000, **settings)
+        try:
+            found = consumer.partitions_for_topic(ps.TOPIC) or set()
+            leaders = {p: consumer._client.cluster.leader_for_partition(
+                TopicPartition(ps.TOPIC, p)) for p in found}
+        except Exception:
+            leaders = {}
+        finally:
+            consumer.close()
+        if len(leaders) == partitions and all(l is not None and l >= 0 for l in leaders.values()):
+            return leaders
+        assert time.monotonic() < deadline, f"no leader for every partition: {leaders}"
+        time.sleep(0.3)
+
+
+class KafkaBroker:
+    """A single Apache Kafka node (broker and controller in one JVM), formatted
+    with --standalone; extra listeners and settings for the TLS and SASL tests."""
+
+    def __init__(self, folder, version=KAFKA_VERSION, listeners=None, format_args=(), **settings):
+        self.version = version
+        ports = {"CONTROLLER": ("PLAINTEXT", free_port())}
+        clients = listeners or {"PLAINTEXT": "PLAINTEXT"}
+        all_listeners = {name: (protocol, free_port()) for name, protocol in clients.items()}
+        all_listeners.update(ports)
+        self.ports = {name: port for name, (_, port) in all_listeners.items()}
+        quorum = f"127.0.0.1:{self.ports['CONTROLLER']}"
+        settings = dict(dict(offsets_topic_replication_factor=1,
+                             transaction_state_log_replication_factor=1,
+                             transaction_state_log_min_isr=1), **settings)
+        self.node = KafkaNode(kafka_classpath(version), folder, 1, "broker,controller",
+                              quorum, all_listeners, settings)
+        self.node.format(uuid.uuid4().hex[:22], "--standalone", *format_args)
+        self.bootstrap = self.node.bootstrap
+
+    def address(self, listener):
+        return f"127.0.0.1:{self.ports[listener]}"
+
+    def start(self, topic_settings=None):
+        self.node.start()
+        create_kafka_topic(self.bootstrap, **(topic_settings or {}))
+        wait_for_leaders(self.bootstrap, **(topic_settings or {}))
+        return self
+
+    def restart(self):
+        self.node.stop()
+        self.node.start()
+        wait_for_leaders(self.bootstrap)
+
+    def __getattr__(self, name):               # kill, pause, resume, stop, running, proc
+        return getattr(self.node, name)
+
+
+@pytest.fixture(scope="session", params=KAFKA_VERSIONS)
+def apache_kafka(request, tmp_path_factory):
+    """One Apache Kafka broker per version for the session; tests that kill or
+    pause it bring it back before they end."""
+    broker = KafkaBroker(str(tmp_path_factory.mktemp(f"kafka-{request.param}")), request.param)
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+class KafkaCluster:
+    """Three brokers and one dedicated KRaft controller (node 100)."""
+
+    def __init__(self, folder, version=KAFKA_VERSION, brokers=3, **settings):
+        classpath = kafka_classpath(version)
+        cluster_id = uuid.uuid4().hex[:22]
+        controller_port = free_port()
+        quorum = f"127.0.0.1:{controller_port}"
+        self.controller = KafkaNode(
+            classpath, os.path.join(folder, "controller"), 100, "controller", quorum,
+            {"CONTROLLER": ("PLAINTEXT", controller_port)}, settings)
+        self.controller.format(cluster_id, "--standalone")
+        self.brokers = []
+        for node_id in range(1, brokers + 1):
+            node = KafkaNode(classpath, os.path.join(folder, f"broker-{node_id}"), node_id,
+                             "broker", quorum, {"PLAINTEXT": ("PLAINTEXT", free_port()),
+                                                "CONTROLLER": ("PLAINTEXT", controller_port)},
+                             settings)
+            node.format(cluster_id, "--no-initial-controllers")
+            self.brokers.append(node)
+        self.bootstrap = ",".join(node.bootstrap for node in self.brokers)
+
+    def start(self, partitions=6):
+        self.controller.start()
+        for node in self.brokers:
+            node.start()
+        create_kafka_topic(self.bootstrap, partitions=partitions, replication=len(self.brokers))
+        self.partitions = partitions
+        return self
+
+    def broker(self, node_id):
+        return self.brokers[node_id - 1]
+
+    def leaders(self):
+        return wait_for_leaders(self.bootstrap, self.partitions)
+
+    def in_sync(self, timeout_s=60.0):
+        """Until every partition has all brokers in its in-sync replicas again."""
+        from kafka.admin import KafkaAdminClient  # noqa: F401 (imported for its side)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            admin = kafka_admin(self.bootstrap)
+            try:
+                topic = admin.describe_topics([ps.TOPIC])[0]
+            finally:
+                admin.close()
+            isr = [len(p["isr"]) for p in topic["partitions"]]
+            if len(isr) == self.partitions and min(isr) == len(self.brokers):
+                return
+            assert time.monotonic() < deadline, f"in-sync replicas not back: {topic}"
+            time.sleep(0.3)
+
+    def stop(self):
+        for node in self.brokers:
+            node.kill()
+        self.controller.kill()
+
+
+def kafka_records(bootstrap, timeout_s=30.0, **settings):
+    """Every record on the topic with its headers and partition (ConsumerRecords)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             request_timeout_ms=10000, **settings)
+    try:
+        tps = [TopicPartition(ps.TOPIC, p)
+               for p in sorted(consumer.partitions_for_topic(ps.TOPIC) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends, records = consumer.end_offsets(tps), []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, "the topic could not be read to its end"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a broker or "
+                            "cluster run in one pytest-xdist worker (--dist loadgroup)")
