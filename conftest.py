@@ -210,31 +210,6 @@ class Relay:
         self._listener.close()
 
 
-# Tansu cannot be the secured broker itself (its TLS listener still speaks plain
-# text, its SASL refuses every mechanism): TLS and SASL stand in front of it.
-
-class TlsRelay(Relay):
-    """The broker's TLS listener: TLS outside, the plain broker inside."""
-
-    def __init__(self, certfile, keyfile, target_port=None):
-        super().__init__(target_port)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(certfile, keyfile)
-        self.handshakes = 0           # TLS sessions established
-        self.refused_handshakes = 0   # clients that would not trust the certificate
-
-    def serve(self, client, upstream, stopped):
-        client.settimeout(10)
-        try:
-            tls = self.context.wrap_socket(client, server_side=True)
-        except (ssl.SSLError, OSError):
-            self.refused_handshakes += 1
-            return
-        self.handshakes += 1
-        with tls:
-            pump(tls, upstream, stopped)
-
-
 def broker_behind(tansu, *relays):
     """Open the relays (outermost first), each in front of the next, with a
     Tansu behind the last that advertises the outermost and has the topic:
@@ -248,180 +223,11 @@ def broker_behind(tansu, *relays):
     return broker
 
 
-# -- SASL as a broker checks it: SaslHandshake, then SaslAuthenticate -------
-
-API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
-SASL_AUTHENTICATION_FAILED, UNSUPPORTED_SASL_MECHANISM = 58, 33
-
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed mid-frame")
-        data += chunk
-    return data
-
-
-def read_frame(sock):
-    return recv_exactly(sock, struct.unpack(">i", recv_exactly(sock, 4))[0])
-
-
-def send_frame(sock, payload):
-    sock.sendall(struct.pack(">i", len(payload)) + payload)
-
-
-def read_uvarint(data, pos):
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def uvarint(value):
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def sasl_authenticate_token(frame, body_at, version):
-    """The auth_bytes of a SaslAuthenticate request (v2 is a flexible version)."""
-    if version < 2:
-        (size,) = struct.unpack_from(">i", frame, body_at)
-        return frame[body_at + 4:body_at + 4 + size]
-    tags, pos = read_uvarint(frame, body_at)                # the header's tagged fields
-    for _ in range(tags):
-        _, pos = read_uvarint(frame, pos)
-        size, pos = read_uvarint(frame, pos)
-        pos += size
-    size, pos = read_uvarint(frame, pos)
-    return frame[pos:pos + size - 1]
-
-
-def sasl_authenticate_answer(correlation_id, version, error, token):
-    code = SASL_AUTHENTICATION_FAILED if error else 0
-    if version >= 2:
-        message = uvarint(len(error) + 1) + error.encode() if error else b"\x00"
-        return (struct.pack(">i", correlation_id) + b"\x00" + struct.pack(">h", code) + message
-                + uvarint(len(token) + 1) + token + struct.pack(">q", 0) + b"\x00")
-    message = struct.pack(">h", len(error)) + error.encode() if error else struct.pack(">h", -1)
-    answer = struct.pack(">ih", correlation_id, code) + message + struct.pack(">i", len(token)) + token
-    return answer + (struct.pack(">q", 0) if version >= 1 else b"")
-
-
-class ScramServer:
-    """The server side of RFC 5802 (SCRAM-SHA-256 / -512), as Kafka runs it."""
-
-    def __init__(self, mechanism, users):
-        self.hash = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}[mechanism]
-        self.users = users
-        self.step = self.first
-
-    def first(self, token):
-        self.client_first_bare = token.decode().partition(",,")[2]       # after "n,,"
-        attrs = dict(kv.split("=", 1) for kv in self.client_first_bare.split(","))
-        self.user, self.nonce = attrs["n"], attrs["r"] + uuid.uuid4().hex
-        self.salt, self.iterations = os.urandom(16), 4096
-        self.server_first = (f"r={self.nonce},s={base64.b64encode(self.salt).decode()},"
-                             f"i={self.iterations}")
-        self.step = self.final
-        return self.user, self.server_first.encode(), False
-
-    def final(self, token):
-        without_proof, _, proof = token.decode().rpartition(",p=")
-        password = self.users.get(self.user)
-        if password is None or f"r={self.nonce}" not in without_proof.split(","):
-            return self.user, None, True
-        salted = hashlib.pbkdf2_hmac(self.hash, password.encode(), self.salt, self.iterations)
-        client_key = hmac.new(salted, b"Client Key", self.hash).digest()
-        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
-        signature = hmac.new(hashlib.new(self.hash, client_key).digest(), auth_message,
-                             self.hash).digest()
-        if not hmac.compare_digest(bytes(a ^ b for a, b in zip(client_key, signature)),
-                                   base64.b64decode(proof)):
-            return self.user, None, True
-        server_key = hmac.new(salted, b"Server Key", self.hash).digest()
-        return self.user, b"v=" + base64.b64encode(
-            hmac.new(server_key, auth_message, self.hash).digest()), True
-
-
-class PlainServer:
-    def __init__(self, mechanism, users):
-        self.users = users
-
-    def step(self, token):
-        _, user, password = token.decode().split("\0")
-        ok = user in self.users and hmac.compare_digest(self.users[user], password)
-        return user, b"" if ok else None, True
-
-
-class SaslGateway(Relay):
-    """A broker's SASL check in front of a plain broker: ApiVersions passes
-    through, SaslHandshake and SaslAuthenticate are answered here, any other
-    request before a successful login closes the connection; after it, the
-    connection is the broker's."""
-
-    MECHANISMS = {"PLAIN": PlainServer, "SCRAM-SHA-256": ScramServer, "SCRAM-SHA-512": ScramServer}
-
-    def __init__(self, users, target_port=None):
-        super().__init__(target_port)
-        self.users = users
-        self.logins = []        # (mechanism, user) of each successful login
-        self.refused = []       # (mechanism, user) of each refused one
-
-    def serve(self, client, upstream, stopped):
-        if self.authenticate(client, upstream):
-            pump(client, upstream, stopped)
-
-    def authenticate(self, client, upstream):
-        mechanism = server = None
-        while True:
-            frame = read_frame(client)
-            api_key, version, correlation_id, client_id_size = struct.unpack_from(">hhih", frame)
-            body_at = 10 + max(client_id_size, 0)
-            if api_key == API_VERSIONS:
-                send_frame(upstream, frame)
-                send_frame(client, read_frame(upstream))
-            elif api_key == SASL_HANDSHAKE:
-                (size,) = struct.unpack_from(">h", frame, body_at)
-                mechanism = frame[body_at + 2:body_at + 2 + size].decode()
-                known = mechanism in self.MECHANISMS
-                names = [m.encode() for m in self.MECHANISMS]
-                send_frame(client, struct.pack(">ihi", correlation_id,
-                                               0 if known else UNSUPPORTED_SASL_MECHANISM, len(names))
-                           + b"".join(struct.pack(">h", len(n)) + n for n in names))
-                if not known:
-                    return False
-                server = self.MECHANISMS[mechanism](mechanism, self.users)
-            elif api_key == SASL_AUTHENTICATE and server:
-                token = sasl_authenticate_token(frame, body_at, version)
-                user, answer, done = server.step(token)
-                error = "Authentication failed: invalid credentials" if answer is None else None
-                send_frame(client, sasl_authenticate_answer(correlation_id, version, error,
-                                                            answer or b""))
-                if error:
-                    self.refused.append((mechanism, user))
-                    return False
-                if done:
-                    self.logins.append((mechanism, user))
-                    return True
-            else:
-                return False
-
-
 def openssl(*args):
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A throwaway CA, a broker certificate it signed for 127.0.0.1, another
     CA that signed nothing, and a file that is not a certificate."""
@@ -1333,7 +1139,9 @@ def kafka_classpath(version=KAFKA_VERSION):
 
 
 def kafka_properties(**settings):
-    return "".join(f"{name.replace('_', '.')}={value}\n" for name, value in settings.items())
+    """server.properties lines; a name without a dot has _ for . (num_partitions)."""
+    return "".join(f"{name if '.' in name else name.replace('_', '.')}={value}\n"
+                   for name, value in settings.items())
 
 
 class KafkaNode:
@@ -1355,7 +1163,8 @@ class KafkaNode:
         base = dict(
             process_roles=roles, node_id=node_id,
             controller_quorum_bootstrap_servers=quorum,
-            listeners=",".join(f"{n}://127.0.0.1:{p}" for n, (_, p) in listeners.items()),
+            listeners=",".join(f"{n}://127.0.0.1:{p}" for n, (_, p) in listeners.items()
+                               if n != "CONTROLLER" or "controller" in roles),
             controller_listener_names="CONTROLLER",
             listener_security_protocol_map=",".join(f"{n}:{p}" for n, p in names.items()),
             log_dirs=os.path.join(folder, "data"),
@@ -1365,7 +1174,7 @@ class KafkaNode:
         if "broker" in roles:
             base.update(advertised_listeners=",".join(
                 f"{n}://127.0.0.1:{listeners[n][1]}" for n in client_names),
-                inter_broker_listener_name=client_names[-1])
+                inter_broker_listener_name=client_names[0])
         base.update(settings)
         with open(self.config, "w") as f:
             f.write(kafka_properties(**base))
@@ -1382,12 +1191,13 @@ class KafkaNode:
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, f"kafka-storage format failed:\n{done.stdout}{done.stderr}"
 
-    def start(self):
+    def start(self, wait=True):
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(self.java("kafka.Kafka", self.config),
                                          stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
-        self.wait_listening()
+        if wait:
+            self.wait_listening()
         return self
 
     def wait_listening(self, timeout_s=60.0):
@@ -1547,33 +1357,43 @@ class KafkaCluster:
         self.bootstrap = ",".join(node.bootstrap for node in self.brokers)
 
     def start(self, partitions=6):
-        self.controller.start()
-        for node in self.brokers:
-            node.start()
-        create_kafka_topic(self.bootstrap, partitions=partitions, replication=len(self.brokers))
         self.partitions = partitions
+        self.controller.start()
+        for node in self.brokers:               # the JVMs start side by side
+            node.start(wait=False)
+        for node in self.brokers:
+            node.wait_listening()
+        create_kafka_topic(self.bootstrap, partitions=partitions, replication=len(self.brokers))
+        self.in_sync()
         return self
 
     def broker(self, node_id):
         return self.brokers[node_id - 1]
 
+    def describe(self):
+        """[{partition_index, leader_id, isr_nodes, ...}] of the topic, as the cluster has it."""
+        admin = kafka_admin(",".join(n.bootstrap for n in self.brokers if n.running))
+        try:
+            return admin.describe_topics([ps.TOPIC])[0]["partitions"]
+        finally:
+            admin.close()
+
     def leaders(self):
-        return wait_for_leaders(self.bootstrap, self.partitions)
+        """{partition: its leader's node id}."""
+        return {p["partition_index"]: p["leader_id"] for p in self.describe()}
 
     def in_sync(self, timeout_s=60.0):
-        """Until every partition has all brokers in its in-sync replicas again."""
-        from kafka.admin import KafkaAdminClient  # noqa: F401 (imported for its side)
+        """Until every partition has a leader and every broker in its in-sync replicas."""
+        from kafka.errors import KafkaError
         deadline = time.monotonic() + timeout_s
         while True:
-            admin = kafka_admin(self.bootstrap)
-            try:
-                topic = admin.describe_topics([ps.TOPIC])[0]
-            finally:
-                admin.close()
-            isr = [len(p["isr"]) for p in topic["partitions"]]
-            if len(isr) == self.partitions and min(isr) == len(self.brokers):
-                return
-            assert time.monotonic() < deadline, f"in-sync replicas not back: {topic}"
+            with contextlib.suppress(KafkaError, OSError):
+                partitions = self.describe()
+                if len(partitions) == self.partitions and all(
+                        len(p["isr_nodes"]) == len(self.brokers) and p["leader_id"] >= 0
+                        for p in partitions):
+                    return
+            assert time.monotonic() < deadline, "the in-sync replicas did not come back"
             time.sleep(0.3)
 
     def stop(self):
@@ -1605,3 +1425,57 @@ def kafka_records(bootstrap, timeout_s=30.0, **settings):
 def pytest_configure(config):
     config.addinivalue_line("markers", "xdist_group(name): tests that share a broker or "
                             "cluster run in one pytest-xdist worker (--dist loadgroup)")
+
+
+# The cluster's timeouts, short so that a lost broker is noticed in seconds (defaults in
+# brackets): the controller fences a broker after 3 s without a heartbeat (9 s), heartbeats
+# every 0.5 s (2 s); a follower behind for 5 s leaves the in-sync replicas (30 s).
+CLUSTER_SETTINGS = dict(broker_session_timeout_ms=3000, broker_heartbeat_interval_ms=500,
+                        replica_lag_time_max_ms=5000)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory):
+    """Three brokers and a dedicated controller for the session, payment.events with
+    replication factor 3 and min.insync.replicas=2; every test leaves all brokers
+    running and in sync."""
+    cluster = KafkaCluster(str(tmp_path_factory.mktemp("kafka-cluster")), **CLUSTER_SETTINGS)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+# The secure broker's users: SCRAM (both mechanisms) made by kafka-storage format
+# --add-scram, PLAIN in its listener's JAAS line; SECRET_PASSWORD is grepped for in outputs.
+KAFKA_USER = "payments"
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory, tls_files):
+    """One Apache Kafka broker with Kafka's own TLS and SASL listeners: SSL,
+    SASL_SSL (SCRAM-SHA-256 and SCRAM-SHA-512) and SASL_PLAINTEXT (PLAIN), its
+    certificate (PEM) signed by tls_files.ca. .address(protocol) is each one's."""
+    folder = str(tmp_path_factory.mktemp("kafka-secure"))
+    keystore = os.path.join(folder, "broker-keystore.pem")
+    with open(keystore, "w") as f:                              # key, then its chain
+        f.write(open(tls_files.key).read() + open(tls_files.cert).read())
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    settings = {
+        "ssl.keystore.type": "PEM", "ssl.keystore.location": keystore,
+        "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+        "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{KAFKA_USER}="{SECRET_PASSWORD}";',
+    }
+    listeners = {name: name for name in ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")}
+    scram_users = [arg for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512") for arg in (
+        "--add-scram", f"{mechanism}=[name={KAFKA_USER},password={SECRET_PASSWORD}]")]
+    broker = KafkaBroker(folder, listeners=listeners, format_args=scram_users,
+                         **settings)
+    broker.start()
+    yield broker
+    broker.stop()

@@ -1170,6 +1170,8 @@ class GroupCommitPublisher(Publisher):
     """The lesson's Publisher as a group commit, with a bound on pending events
     and observers f(payment, seconds, RecordMetadata or BrokerUnavailable)."""
 
+    notes = None                    # a KafkaNotes: why Kafka fails, from kafka-python's log
+
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
         self.pending = 0            # records queued or sent, not yet acknowledged or failed
@@ -1204,6 +1206,7 @@ class GroupCommitPublisher(Publisher):
         deadline = time.monotonic() + self.timeout_s
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
+        self._refuse_if_unreachable()
         if self._closed:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
@@ -1214,11 +1217,29 @@ class GroupCommitPublisher(Publisher):
             self.pending += 1
         publication = _Publication(*payment_succeeded_record(payment), deadline)
         self._waiting.put(publication)
-        if not publication.settled.acquire(timeout=remaining(deadline)):
-            raise self.refusal(self._timeout_error())
+        while not publication.settled.acquire(timeout=min(0.25, remaining(deadline))):
+            self._refuse_if_unreachable()
+            if time.monotonic() >= deadline:
+                raise self.refusal(self._timeout_error())
         if isinstance(publication.outcome, Exception):
             raise self.refusal(publication.outcome)
         return publication.outcome                  # this very record's RecordMetadata
+
+    def _refuse_if_unreachable(self):
+        """A 503 without waiting when the producer never reached a broker and none can be reached now."""
+        if self.notes and not self.producer._metadata.brokers():
+            if why := self.notes.unreachable(within_s=2.0):
+                self.broker.began("unreachable", f"Kafka is unreachable: {why}")
+                raise BrokerUnavailable(f"Kafka is unreachable: {why}", "unreachable")
+
+    def refusal(self, exc):
+        """The lesson's 503; a timeout names the error kafka-python last retried on."""
+        retried = self.notes and self.notes.retried_on(within_s=self.timeout_s)
+        if retried and isinstance(exc, sys.modules["kafka.errors"].KafkaTimeoutError):
+            return BrokerUnavailable(f"Kafka did not acknowledge the event within "
+                                     f"{self.timeout_s:g} s: the broker answered {retried}",
+                                     "broker_refused")
+        return super().refusal(exc)
 
     def _run(self):
         """The publisher thread: take every record waiting and commit them; again."""
@@ -1271,7 +1292,9 @@ class GroupCommitPublisher(Publisher):
             self._free_slot()
         else:                                       # still in the producer's buffer
             future.add_both(self._free_slot)
-        if isinstance(outcome, Exception):
+        if isinstance(outcome, self.kafka_error):       # logged as its 503 says it
+            self.broker.began(type(outcome).__name__, self.refusal(outcome).detail)
+        elif isinstance(outcome, Exception):
             self.broker.began(type(outcome).__name__, f"{type(outcome).__name__}: {outcome}")
         else:
             self.broker.ended()
@@ -1308,6 +1331,77 @@ class _Publication:
         self.future = self.outcome = None
         self.settled = threading.Lock()     # held until settled: the cheapest wake-up
         self.settled.acquire()
+
+
+def unreachable(servers, timeout_s=0.5):
+    """{server: why it takes no TCP connection} for those of servers that do not."""
+    found = {}
+    for server in servers:
+        host, _, port = server.rpartition(":")
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
+        except (socket.gaierror, UnicodeError):
+            found[server] = f"could not connect to {server}: host {host!r} does not resolve"
+        except OSError as exc:
+            found[server] = f"could not connect to {server}: {exc.strerror or exc}".lower()
+    return found
+
+
+class KafkaNotes(logging.Handler):
+    """kafka-python's log, read instead of printed: it reconnects and retries by itself
+    and at the deadline says only "timeout"; these notes keep why, for the 503s."""
+
+    def __init__(self, bootstrap):
+        super().__init__(logging.WARNING)
+        self.servers = [server.strip() for server in bootstrap.split(",")]
+        self.failed, self.closing = {}, {}  # server: (when, why) it last failed; closed since
+        self.retried, self._probed = (float("-inf"), ""), float("-inf")
+
+    def emit(self, record):
+        with contextlib.suppress(Exception):    # a line kafka-python words otherwise
+            if record.msg.startswith("Bootstrap connection to %s failed"):
+                node, exc = record.args[:2]     # node: bootstrap-N, the Nth server
+                server, why = self.servers[int(node.rpartition("-")[2])], connection_error(exc)
+                now, (at, known) = time.monotonic(), self.failed.get(server, (-1e9, ""))
+                if why != CLOSED:
+                    self.closing.pop(server, None)
+                elif now - at < 10 and not known.endswith(CLOSED):
+                    why = known.split(": ", 1)[1]   # it closes after saying why, at times
+                elif now - self.closing.setdefault(server, now) < 1.5:
+                    now = -1e9                      # and before: wait for a reason a while
+                self.failed[server] = (now, f"could not connect to {server}: {why}")
+            elif record.msg.startswith("%s: Got error produce response"):
+                self.retried = (time.monotonic(), record.args[3])
+
+    def unreachable(self, within_s):
+        """Why no bootstrap server can be reached, when every one failed within_s ago or
+        less (kafka-python's attempts, a TCP connect at most once a second); else ''."""
+        now = time.monotonic()
+        if now - self._probed >= 1.0:
+            self._probed = now
+            self.failed.update((s, (now, why)) for s, why in unreachable(self.servers).items())
+        failures = [self.failed.get(server, (float("-inf"), "")) for server in self.servers]
+        return "; ".join(why for _, why in failures) if all(
+            now - at < within_s for at, _ in failures) else ""
+
+    def retried_on(self, within_s):
+        at, name = self.retried
+        return name if time.monotonic() - at < within_s else ""
+
+
+CLOSED = "the broker closed the connection (a wrong protocol, SASL user or password?)"
+
+
+def connection_error(exc):
+    """kafka-python's connection error in words: 'connection refused', 'TLS handshake failed: ...'."""
+    text = str(exc.args[0] if exc.args else exc)
+    if refused := re.fullmatch(r"(\d+) E[A-Z]+", text):
+        return os.strerror(int(refused[1])).lower()
+    if text.startswith("Handshake failed: "):
+        return "TLS handshake failed: " + re.sub(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$", "", text[18:])
+    if "Sasl" in type(exc).__name__:
+        return f"SASL login refused: {text}"
+    return CLOSED if text == "socket disconnected" else text
 
 
 # How long the sender may hold a record unasked: a flush sends at once, so no event
@@ -1873,14 +1967,12 @@ def build_server(config, publisher, log_writer):
 
 def start_publisher(publisher, config, producer_settings, stop):
     """Make the producer (slow to import: the server answers meanwhile) and start publishing."""
-    for server in config.kafka_bootstrap.split(","):    # kafka:9092 resolves in Compose only
-        host = server.strip().rpartition(":")[0].strip("[]")
-        try:
-            socket.getaddrinfo(host, None)
-        except (socket.gaierror, UnicodeError):
-            log.warning("KAFKA_BOOTSTRAP host %r does not resolve: mock-succeed answers 503 "
-                        "until it does (outside Docker Compose, try KAFKA_BOOTSTRAP="
-                        "localhost:9092)", host)
+    if found := unreachable(publisher.notes.servers):   # kafka:9092 resolves in Compose only
+        hint = " (outside Docker Compose, try KAFKA_BOOTSTRAP=localhost:9092)" * any(
+            "resolve" in why for why in found.values())
+        why, reachable = "; ".join(found.values()) + hint, len(found) < len(publisher.notes.servers)
+        log.warning("KAFKA_BOOTSTRAP: %s", why) if reachable else publisher.broker.began(
+            "unreachable", why)                 # the outage's one line
     for attempt in itertools.count():
         try:
             return publisher.start(make_producer(
@@ -1917,12 +2009,15 @@ def serve(argv):
     cpu = pin_to_one_cpu(config.pin_cpu)       # before any thread starts: they inherit it
     stdout, stderr = LogWriter(1), LogWriter(2)
     logging.basicConfig(level=logging.WARNING, handlers=[stderr])
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)   # one line per outage is ours
     if resource is not None:                    # each connection takes a descriptor
         with contextlib.suppress(ValueError, OSError):
             hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     publisher = GroupCommitPublisher(config.kafka_timeout_s, config.max_pending_events)
+    kafka_log, publisher.notes = logging.getLogger("kafka"), KafkaNotes(config.kafka_bootstrap)
+    kafka_log.setLevel(logging.WARNING)         # not printed: one line per outage is ours
+    kafka_log.propagate = False
+    kafka_log.addHandler(publisher.notes)
     try:
         server = build_server(config, publisher, stderr)
     except OSError as exc:
