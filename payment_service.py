@@ -1170,7 +1170,7 @@ class GroupCommitPublisher(Publisher):
     """The lesson's Publisher as a group commit, with a bound on pending events
     and observers f(payment, seconds, RecordMetadata or BrokerUnavailable)."""
 
-    notes = None                    # a KafkaNotes: why Kafka fails, from kafka-python's log
+    notes = None        # a KafkaNotes: why Kafka fails, from kafka-python's log
 
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
@@ -1226,19 +1226,16 @@ class GroupCommitPublisher(Publisher):
         return publication.outcome                  # this very record's RecordMetadata
 
     def _refuse_if_unreachable(self):
-        """A 503 without waiting when the producer never reached a broker and none can be reached now."""
-        if self.notes and not self.producer._metadata.brokers():
-            if why := self.notes.unreachable(within_s=2.0):
-                self.broker.began("unreachable", f"Kafka is unreachable: {why}")
-                raise BrokerUnavailable(f"Kafka is unreachable: {why}", "unreachable")
+        """503 at once while no broker was ever reached and none can be now."""
+        if self.notes and not self.producer._metadata.brokers() and (
+                why := self.notes.unreachable(within_s=2.0)):
+            self.broker.began("unreachable", f"Kafka is unreachable: {why}")
+            raise BrokerUnavailable(f"Kafka is unreachable: {why}", "unreachable")
 
     def refusal(self, exc):
-        """The lesson's 503; a timeout names the error kafka-python last retried on."""
-        retried = self.notes and self.notes.retried_on(within_s=self.timeout_s)
-        if retried and isinstance(exc, sys.modules["kafka.errors"].KafkaTimeoutError):
-            return BrokerUnavailable(f"Kafka did not acknowledge the event within "
-                                     f"{self.timeout_s:g} s: the broker answered {retried}",
-                                     "broker_refused")
+        """The lesson's 503; for a timeout, of the error kafka-python last retried on."""
+        if self.notes and isinstance(exc, sys.modules["kafka.errors"].KafkaTimeoutError):
+            exc = self.notes.retried_on(within_s=self.timeout_s) or exc
         return super().refusal(exc)
 
     def _run(self):
@@ -1292,10 +1289,8 @@ class GroupCommitPublisher(Publisher):
             self._free_slot()
         else:                                       # still in the producer's buffer
             future.add_both(self._free_slot)
-        if isinstance(outcome, self.kafka_error):       # logged as its 503 says it
+        if isinstance(outcome, Exception):          # logged as its 503 says it
             self.broker.began(type(outcome).__name__, self.refusal(outcome).detail)
-        elif isinstance(outcome, Exception):
-            self.broker.began(type(outcome).__name__, f"{type(outcome).__name__}: {outcome}")
         else:
             self.broker.ended()
         publication.outcome = outcome
@@ -1333,75 +1328,61 @@ class _Publication:
         self.settled.acquire()
 
 
-def unreachable(servers, timeout_s=0.5):
-    """{server: why it takes no TCP connection} for those of servers that do not."""
-    found = {}
-    for server in servers:
-        host, _, port = server.rpartition(":")
-        try:
-            socket.create_connection((host.strip("[]"), int(port)), timeout_s).close()
-        except (socket.gaierror, UnicodeError):
-            found[server] = f"could not connect to {server}: host {host!r} does not resolve"
-        except OSError as exc:
-            found[server] = f"could not connect to {server}: {exc.strerror or exc}".lower()
-    return found
-
-
 class KafkaNotes(logging.Handler):
-    """kafka-python's log, read instead of printed: it reconnects and retries by itself
-    and at the deadline says only "timeout"; these notes keep why, for the 503s."""
+    """kafka-python's log, read, not printed: it reconnects and retries by itself, then
+    says only "timeout"; these notes keep why, for the 503s and an outage's one line."""
 
     def __init__(self, bootstrap):
         super().__init__(logging.WARNING)
         self.servers = [server.strip() for server in bootstrap.split(",")]
-        self.failed, self.closing = {}, {}  # server: (when, why) it last failed; closed since
-        self.retried, self._probed = (float("-inf"), ""), float("-inf")
+        self.failed, self.retried, self._probed = {}, (-1e9, None), -1e9   # {server: (when, why)}
 
     def emit(self, record):
         with contextlib.suppress(Exception):    # a line kafka-python words otherwise
-            if record.msg.startswith("Bootstrap connection to %s failed"):
-                node, exc = record.args[:2]     # node: bootstrap-N, the Nth server
-                server, why = self.servers[int(node.rpartition("-")[2])], connection_error(exc)
-                now, (at, known) = time.monotonic(), self.failed.get(server, (-1e9, ""))
-                if why != CLOSED:
-                    self.closing.pop(server, None)
-                elif now - at < 10 and not known.endswith(CLOSED):
-                    why = known.split(": ", 1)[1]   # it closes after saying why, at times
-                elif now - self.closing.setdefault(server, now) < 1.5:
-                    now = -1e9                      # and before: wait for a reason a while
-                self.failed[server] = (now, f"could not connect to {server}: {why}")
+            if record.msg.startswith("Bootstrap connection to %s failed"):     # bootstrap-N
+                self.note(self.servers[int(record.args[0].rpartition("-")[2])],
+                          connection_error(record.args[1]))
             elif record.msg.startswith("%s: Got error produce response"):
-                self.retried = (time.monotonic(), record.args[3])
+                self.retried = (time.monotonic(), getattr(sys.modules["kafka.errors"],
+                                                          record.args[3]))
+
+    def note(self, server, why):
+        at, known = self.failed.get(server, (-1e9, ""))        # it may close after saying why
+        keep = why == CLOSED and time.monotonic() - at < 10
+        self.failed[server] = (time.monotonic(), known if keep else
+                               f"could not connect to {server}: {why}")
 
     def unreachable(self, within_s):
-        """Why no bootstrap server can be reached, when every one failed within_s ago or
-        less (kafka-python's attempts, a TCP connect at most once a second); else ''."""
+        """Why no bootstrap server can be reached, each having failed within_s ago (kafka-
+        python's attempts, a TCP connect at most once a second); else a false value."""
         now = time.monotonic()
-        if now - self._probed >= 1.0:
-            self._probed = now
-            self.failed.update((s, (now, why)) for s, why in unreachable(self.servers).items())
-        failures = [self.failed.get(server, (float("-inf"), "")) for server in self.servers]
-        return "; ".join(why for _, why in failures) if all(
-            now - at < within_s for at, _ in failures) else ""
+        for server in self.servers if now - self._probed >= 1.0 else ():
+            self._probed, (host, _, port) = now, server.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), 0.5).close()
+            except (socket.gaierror, UnicodeError):
+                self.note(server, f"host {host!r} does not resolve")
+            except OSError as exc:
+                self.note(server, (exc.strerror or str(exc)).lower())
+        failures = [self.failed.get(server, (-1e9, "")) for server in self.servers]
+        return all(now - at < within_s for at, _ in failures) and "; ".join(w for _, w in failures)
 
     def retried_on(self, within_s):
-        at, name = self.retried
-        return name if time.monotonic() - at < within_s else ""
+        return self.retried[1]() if time.monotonic() - self.retried[0] < within_s else None
 
 
 CLOSED = "the broker closed the connection (a wrong protocol, SASL user or password?)"
 
 
 def connection_error(exc):
-    """kafka-python's connection error in words: 'connection refused', 'TLS handshake failed: ...'."""
+    """kafka-python's connection error in words: 'connection refused', 'TLS handshake ...'."""
     text = str(exc.args[0] if exc.args else exc)
     if refused := re.fullmatch(r"(\d+) E[A-Z]+", text):
         return os.strerror(int(refused[1])).lower()
     if text.startswith("Handshake failed: "):
         return "TLS handshake failed: " + re.sub(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$", "", text[18:])
-    if "Sasl" in type(exc).__name__:
-        return f"SASL login refused: {text}"
-    return CLOSED if text == "socket disconnected" else text
+    return f"SASL login refused: {text}" if "Sasl" in type(exc).__name__ else (
+        CLOSED if text == "socket disconnected" else text)
 
 
 # How long the sender may hold a record unasked: a flush sends at once, so no event
@@ -1967,12 +1948,8 @@ def build_server(config, publisher, log_writer):
 
 def start_publisher(publisher, config, producer_settings, stop):
     """Make the producer (slow to import: the server answers meanwhile) and start publishing."""
-    if found := unreachable(publisher.notes.servers):   # kafka:9092 resolves in Compose only
-        hint = " (outside Docker Compose, try KAFKA_BOOTSTRAP=localhost:9092)" * any(
-            "resolve" in why for why in found.values())
-        why, reachable = "; ".join(found.values()) + hint, len(found) < len(publisher.notes.servers)
-        log.warning("KAFKA_BOOTSTRAP: %s", why) if reachable else publisher.broker.began(
-            "unreachable", why)                 # the outage's one line
+    if why := publisher.notes.unreachable(within_s=2.0):   # kafka:9092 resolves in Compose only
+        publisher.broker.began("unreachable", f"Kafka is unreachable: {why}")
     for attempt in itertools.count():
         try:
             return publisher.start(make_producer(
@@ -2014,10 +1991,9 @@ def serve(argv):
             hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     publisher = GroupCommitPublisher(config.kafka_timeout_s, config.max_pending_events)
-    kafka_log, publisher.notes = logging.getLogger("kafka"), KafkaNotes(config.kafka_bootstrap)
-    kafka_log.setLevel(logging.WARNING)         # not printed: one line per outage is ours
-    kafka_log.propagate = False
-    kafka_log.addHandler(publisher.notes)
+    publisher.notes = KafkaNotes(config.kafka_bootstrap)     # kafka-python's log: read, not
+    logging.getLogger("kafka").propagate = False            # printed (an outage's one line is ours)
+    logging.getLogger("kafka").addHandler(publisher.notes)
     try:
         server = build_server(config, publisher, stderr)
     except OSError as exc:

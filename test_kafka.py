@@ -323,6 +323,4 @@ def test_one_bootstrap_server_down_of_two_fails_nothing_fast(spawn, secure_kafka
     assert [status for _, status, _ in results] == [200] * 10, svc.output
     assert_on_topic(secure_kafka.bootstrap, [(order_id, 200) for order_id, _, _ in results])
     assert svc.stop()[0] == 0
-    warnings = [line for line in svc.output.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and f"could not connect to {down}: connection refused" in warnings[0]
-    assert "unavailable" not in warnings[0]                 # a warning, not an outage
+    assert "WARNING" not in svc.output                     # not an outage
