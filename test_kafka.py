@@ -5,7 +5,10 @@ KAFKA_TIMEOUT_S while the broker is killed or paused, recovery) against each
 version in KAFKA_VERSIONS; a three-broker cluster; Kafka's own TLS and SASL.
 """
 
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -14,7 +17,7 @@ import pytest
 from kafka.partitioner.default import murmur2
 
 import payment_service as ps
-from conftest import (BOUND_S, SECRET_PASSWORD, SLACK_S, SUCCEED, Stream,
+from conftest import (BOUND_S, HERE, KAFKA_VERSION, SECRET_PASSWORD, SLACK_S, SUCCEED, Stream,
                       assert_no_secret_and_no_traceback, assert_on_topic,
                       assert_outage_answered_503, assert_within_bound, consumer_settings,
                       free_port, kafka_records, payment_body, post_records, read_topic,
@@ -324,3 +327,37 @@ def test_one_bootstrap_server_down_of_two_fails_nothing_fast(spawn, secure_kafka
     assert_on_topic(secure_kafka.bootstrap, [(order_id, 200) for order_id, _, _ in results])
     assert svc.stop()[0] == 0
     assert "WARNING" not in svc.output                     # not an outage
+
+
+# ===========================================================================
+# The README's Order-service consumer, against Apache Kafka
+# ===========================================================================
+
+def readme_consumer():
+    with open(os.path.join(HERE, "README.md")) as f:
+        found = re.search(r"```python\n(# order_service\.py.*?)```", f.read(), re.S)
+    assert found, "the README's Order-service consumer example is gone"
+    return found[1]
+
+
+@pytest.mark.xdist_group("kafka")
+@pytest.mark.parametrize("apache_kafka", [KAFKA_VERSION], indirect=True)
+def test_readme_order_service_consumer_gets_each_order_once(spawn, apache_kafka, tmp_path):
+    svc = spawn(apache_kafka.bootstrap)
+    order_ids = [unique_order_id() for _ in range(3)]
+    for order_id in order_ids + order_ids[:1]:             # the first one sent twice
+        answer = request(svc.base, "POST", SUCCEED, payment_body(order_id, 1999, "EUR"))
+        assert answer.status == 200
+    script = tmp_path / "order_service.py"
+    script.write_text(readme_consumer())
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, KAFKA_BOOTSTRAP=apache_kafka.bootstrap,
+                                                IDLE_MS="4000"))
+    print(f"the consumer group read the topic and went idle in {time.monotonic() - started:.1f} s")
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    lines = done.stdout.splitlines()
+    for order_id in order_ids:
+        assert lines.count(f"order {order_id} paid: 1999 EUR") == 1, done.stdout
+    assert len(lines) == len(set(lines))                   # every order once
+    assert svc.stop()[0] == 0
