@@ -189,6 +189,7 @@ def test_two_of_three_brokers_stopped_is_503_not_enough_replicas_then_recovers(
     during = [r for r in results if r[3] > stopped and r[4] < restarting]
     assert during and all(r[1] == 503 for r in during), "a 200 without enough in-sync replicas"
     assert all("NotEnoughReplicas" in r[2] for r in during), {r[2] for r in during}
+    assert not re.search(r"(\w+Error): \1", svc.output)           # no doubled names
     assert all(r[1] in (200, 503) for r in results), "no connection errors"
     assert_within_bound(results)
     assert_on_topic(kafka_cluster.bootstrap, [r for r in results if r[1] == 200])
@@ -304,18 +305,18 @@ def test_kafka_refusing_the_ca_password_or_user_is_a_named_503_and_one_line(
 
 def test_a_refused_bootstrap_is_a_503_naming_it_at_once_and_one_warning(spawn):
     port = free_port()                                   # nothing listens there
-    svc = spawn(f"localhost:{port}")
+    svc = spawn(f"localhost:{port}", KAFKA_TIMEOUT_S=10)  # answered within 1 s, not 10
     for _ in range(3):
         started = time.monotonic()
         answer = request(svc.base, "POST", SUCCEED, payment_body(unique_order_id()))
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 1.0 + SLACK_S
         assert answer.status == 503 and answer.json()["detail"] == (
             f"Kafka is unreachable: could not connect to localhost:{port}: connection refused")
     assert svc.stop()[0] == 0
     warnings = [line for line in svc.output.splitlines() if "WARNING" in line]
     assert len(warnings) == 1, svc.output
     assert f"could not connect to localhost:{port}: connection refused" in warnings[0]
-    assert "Error: Kafka" not in svc.output                       # no doubled names
+    assert not re.search(r"(\w+Error): \1", svc.output)           # no doubled names
 
 
 @pytest.mark.xdist_group("kafka")
