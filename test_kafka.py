@@ -69,6 +69,7 @@ def outage(svc, apache_kafka, begin, end):
     return results, started, ended
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("kafka")
 def test_killed_broker_503s_within_the_bound_and_the_service_recovers(spawn, apache_kafka):
     svc = spawn(apache_kafka.bootstrap)
@@ -86,6 +87,7 @@ def test_killed_broker_503s_within_the_bound_and_the_service_recovers(spawn, apa
     assert_no_secret_and_no_traceback(svc.output)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("kafka")
 def test_paused_broker_503s_within_the_bound_and_the_service_recovers(spawn, apache_kafka):
     svc = spawn(apache_kafka.bootstrap)
@@ -130,6 +132,7 @@ def both(action, nodes):
         thread.join(60)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("kafka_cluster")
 def test_leader_killed_every_200_is_on_the_topic_and_the_503s_are_bounded(spawn, kafka_cluster):
     svc = spawn(kafka_cluster.bootstrap, ACCESS_LOG=0)
@@ -160,6 +163,7 @@ def test_leader_killed_every_200_is_on_the_topic_and_the_503s_are_bounded(spawn,
     assert svc.stop()[0] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("kafka_cluster")
 def test_two_of_three_brokers_stopped_is_503_not_enough_replicas_then_recovers(
         spawn, kafka_cluster):
@@ -197,6 +201,7 @@ def test_two_of_three_brokers_stopped_is_503_not_enough_replicas_then_recovers(
     assert_no_secret_and_no_traceback(svc.output)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("kafka_cluster")
 def test_rolling_restart_loses_no_acknowledged_event(spawn, kafka_cluster):
     svc = spawn(kafka_cluster.bootstrap, ACCESS_LOG=0)
