@@ -243,31 +243,6 @@ class Relay:
         self._listener.close()
 
 
-# Tansu cannot be the secured broker itself (its TLS listener still speaks plain
-# text, its SASL refuses every mechanism): TLS and SASL stand in front of it.
-
-class TlsRelay(Relay):
-    """The broker's TLS listener: TLS outside, the plain broker inside."""
-
-    def __init__(self, certfile, keyfile, target_port=None):
-        super().__init__(target_port)
-        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.context.load_cert_chain(certfile, keyfile)
-        self.handshakes = 0           # TLS sessions established
-        self.refused_handshakes = 0   # clients that would not trust the certificate
-
-    def serve(self, client, upstream, stopped):
-        client.settimeout(10)
-        try:
-            tls = self.context.wrap_socket(client, server_side=True)
-        except (ssl.SSLError, OSError):
-            self.refused_handshakes += 1
-            return
-        self.handshakes += 1
-        with tls:
-            pump(tls, upstream, stopped)
-
-
 def broker_behind(tansu, *relays):
     """Open the relays (outermost first), each in front of the next, with a
     Tansu behind the last that advertises the outermost and has the topic:
@@ -281,180 +256,11 @@ def broker_behind(tansu, *relays):
     return broker
 
 
-# -- SASL as a broker checks it: SaslHandshake, then SaslAuthenticate -------
-
-API_VERSIONS, SASL_HANDSHAKE, SASL_AUTHENTICATE = 18, 17, 36
-SASL_AUTHENTICATION_FAILED, UNSUPPORTED_SASL_MECHANISM = 58, 33
-
-
-def recv_exactly(sock, size):
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ConnectionError("closed mid-frame")
-        data += chunk
-    return data
-
-
-def read_frame(sock):
-    return recv_exactly(sock, struct.unpack(">i", recv_exactly(sock, 4))[0])
-
-
-def send_frame(sock, payload):
-    sock.sendall(struct.pack(">i", len(payload)) + payload)
-
-
-def read_uvarint(data, pos):
-    value = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if byte < 0x80:
-            return value, pos
-
-
-def uvarint(value):
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def sasl_authenticate_token(frame, body_at, version):
-    """The auth_bytes of a SaslAuthenticate request (v2 is a flexible version)."""
-    if version < 2:
-        (size,) = struct.unpack_from(">i", frame, body_at)
-        return frame[body_at + 4:body_at + 4 + size]
-    tags, pos = read_uvarint(frame, body_at)                # the header's tagged fields
-    for _ in range(tags):
-        _, pos = read_uvarint(frame, pos)
-        size, pos = read_uvarint(frame, pos)
-        pos += size
-    size, pos = read_uvarint(frame, pos)
-    return frame[pos:pos + size - 1]
-
-
-def sasl_authenticate_answer(correlation_id, version, error, token):
-    code = SASL_AUTHENTICATION_FAILED if error else 0
-    if version >= 2:
-        message = uvarint(len(error) + 1) + error.encode() if error else b"\x00"
-        return (struct.pack(">i", correlation_id) + b"\x00" + struct.pack(">h", code) + message
-                + uvarint(len(token) + 1) + token + struct.pack(">q", 0) + b"\x00")
-    message = struct.pack(">h", len(error)) + error.encode() if error else struct.pack(">h", -1)
-    answer = struct.pack(">ih", correlation_id, code) + message + struct.pack(">i", len(token)) + token
-    return answer + (struct.pack(">q", 0) if version >= 1 else b"")
-
-
-class ScramServer:
-    """The server side of RFC 5802 (SCRAM-SHA-256 / -512), as Kafka runs it."""
-
-    def __init__(self, mechanism, users):
-        self.hash = {"SCRAM-SHA-256": "sha256", "SCRAM-SHA-512": "sha512"}[mechanism]
-        self.users = users
-        self.step = self.first
-
-    def first(self, token):
-        self.client_first_bare = token.decode().partition(",,")[2]       # after "n,,"
-        attrs = dict(kv.split("=", 1) for kv in self.client_first_bare.split(","))
-        self.user, self.nonce = attrs["n"], attrs["r"] + uuid.uuid4().hex
-        self.salt, self.iterations = os.urandom(16), 4096
-        self.server_first = (f"r={self.nonce},s={base64.b64encode(self.salt).decode()},"
-                             f"i={self.iterations}")
-        self.step = self.final
-        return self.user, self.server_first.encode(), False
-
-    def final(self, token):
-        without_proof, _, proof = token.decode().rpartition(",p=")
-        password = self.users.get(self.user)
-        if password is None or f"r={self.nonce}" not in without_proof.split(","):
-            return self.user, None, True
-        salted = hashlib.pbkdf2_hmac(self.hash, password.encode(), self.salt, self.iterations)
-        client_key = hmac.new(salted, b"Client Key", self.hash).digest()
-        auth_message = f"{self.client_first_bare},{self.server_first},{without_proof}".encode()
-        signature = hmac.new(hashlib.new(self.hash, client_key).digest(), auth_message,
-                             self.hash).digest()
-        if not hmac.compare_digest(bytes(a ^ b for a, b in zip(client_key, signature)),
-                                   base64.b64decode(proof)):
-            return self.user, None, True
-        server_key = hmac.new(salted, b"Server Key", self.hash).digest()
-        return self.user, b"v=" + base64.b64encode(
-            hmac.new(server_key, auth_message, self.hash).digest()), True
-
-
-class PlainServer:
-    def __init__(self, mechanism, users):
-        self.users = users
-
-    def step(self, token):
-        _, user, password = token.decode().split("\0")
-        ok = user in self.users and hmac.compare_digest(self.users[user], password)
-        return user, b"" if ok else None, True
-
-
-class SaslGateway(Relay):
-    """A broker's SASL check in front of a plain broker: ApiVersions passes
-    through, SaslHandshake and SaslAuthenticate are answered here, any other
-    request before a successful login closes the connection; after it, the
-    connection is the broker's."""
-
-    MECHANISMS = {"PLAIN": PlainServer, "SCRAM-SHA-256": ScramServer, "SCRAM-SHA-512": ScramServer}
-
-    def __init__(self, users, target_port=None):
-        super().__init__(target_port)
-        self.users = users
-        self.logins = []        # (mechanism, user) of each successful login
-        self.refused = []       # (mechanism, user) of each refused one
-
-    def serve(self, client, upstream, stopped):
-        if self.authenticate(client, upstream):
-            pump(client, upstream, stopped)
-
-    def authenticate(self, client, upstream):
-        mechanism = server = None
-        while True:
-            frame = read_frame(client)
-            api_key, version, correlation_id, client_id_size = struct.unpack_from(">hhih", frame)
-            body_at = 10 + max(client_id_size, 0)
-            if api_key == API_VERSIONS:
-                send_frame(upstream, frame)
-                send_frame(client, read_frame(upstream))
-            elif api_key == SASL_HANDSHAKE:
-                (size,) = struct.unpack_from(">h", frame, body_at)
-                mechanism = frame[body_at + 2:body_at + 2 + size].decode()
-                known = mechanism in self.MECHANISMS
-                names = [m.encode() for m in self.MECHANISMS]
-                send_frame(client, struct.pack(">ihi", correlation_id,
-                                               0 if known else UNSUPPORTED_SASL_MECHANISM, len(names))
-                           + b"".join(struct.pack(">h", len(n)) + n for n in names))
-                if not known:
-                    return False
-                server = self.MECHANISMS[mechanism](mechanism, self.users)
-            elif api_key == SASL_AUTHENTICATE and server:
-                token = sasl_authenticate_token(frame, body_at, version)
-                user, answer, done = server.step(token)
-                error = "Authentication failed: invalid credentials" if answer is None else None
-                send_frame(client, sasl_authenticate_answer(correlation_id, version, error,
-                                                            answer or b""))
-                if error:
-                    self.refused.append((mechanism, user))
-                    return False
-                if done:
-                    self.logins.append((mechanism, user))
-                    return True
-            else:
-                return False
-
-
 def openssl(*args):
     subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def tls_files(tmp_path_factory):
     """A throwaway CA, a broker certificate it signed for 127.0.0.1, another
     CA that signed nothing, and a file that is not a certificate."""
@@ -1317,3 +1123,430 @@ def contract_payment(body):
     if not (isinstance(currency, str) and re.fullmatch(r"[A-Za-z]{3}", currency)):
         return None
     return ids[0], ids[1], currency.upper()
+
+
+# ---------------------------------------------------------------------------
+# Apache Kafka, started from its jars (resolved by Maven from .ci/kafka/pom.xml)
+# ---------------------------------------------------------------------------
+# Brokers run in KRaft mode on free loopback ports, one JVM per node. The single
+# broker is a combined broker+controller; the cluster has a dedicated controller,
+# so that stopping brokers never loses the quorum.
+
+KAFKA_VERSION = "4.1.2"                   # what compose.yaml runs
+KAFKA_VERSIONS = ("4.1.2", "4.4.0")       # the contract runs against each
+KAFKA_POM = os.path.join(HERE, ".ci", "kafka", "pom.xml")
+KAFKA_LOG4J = os.path.join(HERE, ".ci", "kafka", "log4j2.properties")
+KAFKA_INSTALL = ("install Java 17 and Maven to run the Apache Kafka tests "
+                 "(Debian: apt-get install openjdk-17-jre-headless maven)")
+KAFKA_CACHE = os.path.join(os.path.expanduser("~"), ".m2", "payment-service-kafka")
+
+
+def kafka_unavailable(reason):
+    """Skip a test that needs Apache Kafka; in CI (CI=true) fail it instead."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI runs every Apache Kafka test)", pytrace=False)
+    pytest.skip(reason)
+
+
+def java_17():
+    """True when `java` is Java 17 or later."""
+    if not shutil.which("java"):
+        return False
+    done = subprocess.run(["java", "-version"], capture_output=True, text=True, timeout=60)
+    found = re.search(r'version "(\d+)', done.stderr)
+    return bool(found) and int(found[1]) >= 17
+
+
+def kafka_classpath(version=KAFKA_VERSION):
+    """The broker's runtime classpath for this version, resolved by Maven once
+    (into the local Maven repository) and cached on disk; skips the test
+    (fails it in CI) without Java 17 or Maven."""
+    if not (java_17() and shutil.which("mvn")):
+        kafka_unavailable(KAFKA_INSTALL)
+    with open(KAFKA_POM, "rb") as f:
+        pom = hashlib.sha256(f.read()).hexdigest()[:12]
+    cached = os.path.join(KAFKA_CACHE, f"classpath-{version}-{pom}.txt")
+    with contextlib.suppress(OSError), open(cached) as f:
+        classpath = f.read().strip()
+        if all(os.path.exists(jar) for jar in classpath.split(os.pathsep)):
+            return classpath
+    os.makedirs(KAFKA_CACHE, exist_ok=True)
+    partial = f"{cached}.{os.getpid()}"
+    done = subprocess.run(
+        ["mvn", "-q", "-B", "-f", KAFKA_POM, f"-Dkafka.version={version}",
+         "dependency:build-classpath", f"-Dmdep.outputFile={partial}"],
+        capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        kafka_unavailable(f"Maven could not resolve Apache Kafka {version}: "
+                          f"{(done.stdout + done.stderr).strip()[-500:]}")
+    os.replace(partial, cached)
+    with open(cached) as f:
+        return f.read().strip()
+
+
+def kafka_properties(**settings):
+    """server.properties lines; a name without a dot has _ for . (num_partitions)."""
+    return "".join(f"{name if '.' in name else name.replace('_', '.')}={value}\n"
+                   for name, value in settings.items())
+
+
+class KafkaNode:
+    """One Apache Kafka JVM (KRaft): formatted once, then started, stopped,
+    killed, paused and restarted on the same ports and data.
+
+    listeners: {name: (security protocol, port)}, the first one the clients'."""
+
+    def __init__(self, classpath, folder, node_id, roles, quorum, listeners, settings):
+        self.classpath, self.folder, self.node_id = classpath, folder, node_id
+        self.roles, self.listeners = roles, listeners
+        self.port = next(iter(listeners.values()))[1]
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.config = os.path.join(folder, "server.properties")
+        self.proc, self.log = None, os.path.join(folder, "kafka.log")
+        os.makedirs(folder, exist_ok=True)
+        names = {name: protocol for name, (protocol, _) in listeners.items()}
+        client_names = [name for name in listeners if name != "CONTROLLER"]
+        base = dict(
+            process_roles=roles, node_id=node_id,
+            controller_quorum_bootstrap_servers=quorum,
+            listeners=",".join(f"{n}://127.0.0.1:{p}" for n, (_, p) in listeners.items()
+                               if n != "CONTROLLER" or "controller" in roles),
+            controller_listener_names="CONTROLLER",
+            listener_security_protocol_map=",".join(f"{n}:{p}" for n, p in names.items()),
+            log_dirs=os.path.join(folder, "data"),
+            # start and recover fast: one partition log dir, no rebalance delay
+            num_partitions=4, group_initial_rebalance_delay_ms=0,
+            offsets_topic_num_partitions=4, auto_create_topics_enable="false")
+        if "broker" in roles:
+            base.update(advertised_listeners=",".join(
+                f"{n}://127.0.0.1:{listeners[n][1]}" for n in client_names),
+                inter_broker_listener_name=client_names[0])
+        base.update(settings)
+        with open(self.config, "w") as f:
+            f.write(kafka_properties(**base))
+
+    def java(self, main, *args, heap="384m"):
+        """The java command line. The classes a JVM loads are archived at its first clean
+        exit (Java's AppCDS) and mapped by the next ones: a broker starts in a third of the time."""
+        key = hashlib.sha256(self.classpath.encode()).hexdigest()[:12]
+        archive = os.path.join(KAFKA_CACHE, f"{main}-{key}.jsa")
+        self.dump = None
+        if os.path.exists(archive):
+            cds = f"-XX:SharedArchiveFile={archive}"
+        else:
+            self.dump = (f"{archive}.{os.getpid()}-{self.node_id}", archive)
+            cds = f"-XX:ArchiveClassesAtExit={self.dump[0]}"
+        return ["java", f"-Xmx{heap}", "-Xms64m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+                cds, "-Xlog:cds=off", "-Xlog:cds+dynamic=off", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={KAFKA_LOG4J}", "-cp", self.classpath, main, *args]
+
+    def keep_archive(self):
+        if self.dump and os.path.exists(self.dump[0]):
+            os.replace(*self.dump)
+
+    def format(self, cluster_id, *args):
+        """kafka-storage format (StorageTool); args: --standalone, --add-scram ..."""
+        done = subprocess.run(self.java("kafka.tools.StorageTool", "format", "-t", cluster_id,
+                                        "-c", self.config, *args, heap="128m"),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, f"kafka-storage format failed:\n{done.stdout}{done.stderr}"
+        self.keep_archive()
+
+    def start(self, wait=True):
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.java("kafka.Kafka", self.config),
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout_s=60.0):
+        deadline = time.monotonic() + timeout_s
+        while not port_open(self.port):
+            assert self.proc.poll() is None, f"Kafka node {self.node_id} exited:\n{self.tail()}"
+            assert time.monotonic() < deadline, f"Kafka node {self.node_id} did not listen"
+            time.sleep(0.1)
+
+    def tail(self, lines=40):
+        with open(self.log, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout_s=30.0):
+        """SIGTERM (a controlled shutdown), then SIGKILL if it does not exit in time."""
+        if self.running:
+            self.resume()
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+                self.keep_archive()
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self):
+        if self.running:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self):
+        """At the end: stopped cleanly while its class archive is still to be written."""
+        self.stop() if self.dump else self.kill()
+
+    def pause(self):
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self):
+        if self.running:
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def kafka_admin(bootstrap, **settings):
+    from kafka.admin import KafkaAdminClient
+    return KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=10000, **settings)
+
+
+def create_kafka_topic(bootstrap, partitions=4, replication=1, timeout_s=60.0, **settings):
+    """payment.events, created once the brokers are up (retried while they register)."""
+    from kafka.admin import NewTopic
+    from kafka.errors import KafkaError, TopicAlreadyExistsError
+    configs = {"min.insync.replicas": "2"} if replication > 1 else {}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            admin = kafka_admin(bootstrap, **settings)
+            try:
+                admin.create_topics([NewTopic(ps.TOPIC, partitions, replication,
+                                              topic_configs=configs)])
+            finally:
+                admin.close()
+            return
+        except TopicAlreadyExistsError:
+            return
+        except (KafkaError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def wait_for_leaders(bootstrap, partitions=4, timeout_s=60.0, **settings):
+    """Until every partition of the topic has a leader, as a fresh producer sees it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        consumer = KafkaConsumer(bootstrap_servers=bootstrap, request_timeout_ms=5000, **settings)
+        try:
+            found = consumer.partitions_for_topic(ps.TOPIC) or set()
+            leaders = {p: consumer._client.cluster.leader_for_partition(
+                TopicPartition(ps.TOPIC, p)) for p in found}
+        except Exception:
+            leaders = {}
+        finally:
+            consumer.close()
+        if len(leaders) == partitions and all(l is not None and l >= 0 for l in leaders.values()):
+            return leaders
+        assert time.monotonic() < deadline, f"no leader for every partition: {leaders}"
+        time.sleep(0.3)
+
+
+class KafkaBroker:
+    """A single Apache Kafka node (broker and controller in one JVM), formatted
+    with --standalone; extra listeners and settings for the TLS and SASL tests."""
+
+    def __init__(self, folder, version=KAFKA_VERSION, listeners=None, format_args=(), **settings):
+        self.version = version
+        ports = {"CONTROLLER": ("PLAINTEXT", free_port())}
+        clients = listeners or {"PLAINTEXT": "PLAINTEXT"}
+        all_listeners = {name: (protocol, free_port()) for name, protocol in clients.items()}
+        all_listeners.update(ports)
+        self.ports = {name: port for name, (_, port) in all_listeners.items()}
+        quorum = f"127.0.0.1:{self.ports['CONTROLLER']}"
+        settings = dict(dict(offsets_topic_replication_factor=1,
+                             transaction_state_log_replication_factor=1,
+                             transaction_state_log_min_isr=1), **settings)
+        self.node = KafkaNode(kafka_classpath(version), folder, 1, "broker,controller",
+                              quorum, all_listeners, settings)
+        self.node.format(uuid.uuid4().hex[:22], "--standalone", *format_args)
+        self.bootstrap = self.node.bootstrap
+
+    def address(self, listener):
+        return f"127.0.0.1:{self.ports[listener]}"
+
+    def start(self, topic_settings=None):
+        self.node.start()
+        create_kafka_topic(self.bootstrap, **(topic_settings or {}))
+        wait_for_leaders(self.bootstrap, **(topic_settings or {}))
+        return self
+
+    def restart(self):
+        self.node.stop()
+        self.node.start()
+        wait_for_leaders(self.bootstrap)
+
+    def __getattr__(self, name):               # kill, pause, resume, stop, running, proc
+        return getattr(self.node, name)
+
+
+@pytest.fixture(scope="session", params=KAFKA_VERSIONS)
+def apache_kafka(request, tmp_path_factory):
+    """One Apache Kafka broker per version for the session; tests that kill or
+    pause it bring it back before they end."""
+    broker = KafkaBroker(str(tmp_path_factory.mktemp(f"kafka-{request.param}")), request.param)
+    broker.start()
+    yield broker
+    broker.close()
+
+
+class KafkaCluster:
+    """Three brokers and one dedicated KRaft controller (node 100)."""
+
+    def __init__(self, folder, version=KAFKA_VERSION, brokers=3, **settings):
+        classpath = kafka_classpath(version)
+        cluster_id = uuid.uuid4().hex[:22]
+        controller_port = free_port()
+        quorum = f"127.0.0.1:{controller_port}"
+        self.controller = KafkaNode(
+            classpath, os.path.join(folder, "controller"), 100, "controller", quorum,
+            {"CONTROLLER": ("PLAINTEXT", controller_port)}, settings)
+        self.brokers = [
+            KafkaNode(classpath, os.path.join(folder, f"broker-{node_id}"), node_id, "broker",
+                      quorum, {"PLAINTEXT": ("PLAINTEXT", free_port()),
+                               "CONTROLLER": ("PLAINTEXT", controller_port)}, settings)
+            for node_id in range(1, brokers + 1)]
+        formats = [threading.Thread(target=self.controller.format, args=(cluster_id, "--standalone"))]
+        formats += [threading.Thread(target=node.format, args=(cluster_id, "--no-initial-controllers"))
+                    for node in self.brokers]
+        for thread in formats:
+            thread.start()
+        for thread in formats:
+            thread.join(180)
+        for node in [self.controller, *self.brokers]:
+            assert os.path.exists(os.path.join(node.folder, "data", "meta.properties"))
+        self.bootstrap = ",".join(node.bootstrap for node in self.brokers)
+
+    def start(self, partitions=6):
+        self.partitions = partitions
+        self.controller.start()
+        for node in self.brokers:               # the JVMs start side by side
+            node.start(wait=False)
+        for node in self.brokers:
+            node.wait_listening()
+        create_kafka_topic(self.bootstrap, partitions=partitions, replication=len(self.brokers))
+        self.in_sync()
+        return self
+
+    def broker(self, node_id):
+        return self.brokers[node_id - 1]
+
+    def describe(self):
+        """[{partition_index, leader_id, isr_nodes, ...}] of the topic, as the cluster has it."""
+        admin = kafka_admin(",".join(n.bootstrap for n in self.brokers if n.running))
+        try:
+            return admin.describe_topics([ps.TOPIC])[0]["partitions"]
+        finally:
+            admin.close()
+
+    def leaders(self):
+        """{partition: its leader's node id}."""
+        return {p["partition_index"]: p["leader_id"] for p in self.describe()}
+
+    def in_sync(self, timeout_s=60.0):
+        """Until every partition has a leader and every broker in its in-sync replicas."""
+        from kafka.errors import KafkaError
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with contextlib.suppress(KafkaError, OSError):
+                partitions = self.describe()
+                if len(partitions) == self.partitions and all(
+                        len(p["isr_nodes"]) == len(self.brokers) and p["leader_id"] >= 0
+                        for p in partitions):
+                    return
+            assert time.monotonic() < deadline, "the in-sync replicas did not come back"
+            time.sleep(0.3)
+
+    def stop(self):
+        for node in self.brokers:
+            node.close()
+        self.controller.close()
+
+
+def kafka_records(bootstrap, timeout_s=30.0, **settings):
+    """Every record on the topic with its headers and partition (ConsumerRecords)."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False,
+                             request_timeout_ms=10000, **settings)
+    try:
+        tps = [TopicPartition(ps.TOPIC, p)
+               for p in sorted(consumer.partitions_for_topic(ps.TOPIC) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        ends, records = consumer.end_offsets(tps), []
+        deadline = time.monotonic() + timeout_s
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            assert time.monotonic() < deadline, "the topic could not be read to its end"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "xdist_group(name): tests that share a broker or "
+                            "cluster run in one pytest-xdist worker (--dist loadgroup)")
+
+
+# The cluster's timeouts, short so that a lost broker is noticed in seconds (defaults in
+# brackets): the controller fences a broker after 3 s without a heartbeat (9 s), heartbeats
+# every 0.5 s (2 s); a follower behind for 5 s leaves the in-sync replicas (30 s).
+CLUSTER_SETTINGS = dict(broker_session_timeout_ms=3000, broker_heartbeat_interval_ms=500,
+                        replica_lag_time_max_ms=5000)
+
+
+@pytest.fixture(scope="session")
+def kafka_cluster(tmp_path_factory):
+    """Three brokers and a dedicated controller for the session, payment.events with
+    replication factor 3 and min.insync.replicas=2; every test leaves all brokers
+    running and in sync."""
+    cluster = KafkaCluster(str(tmp_path_factory.mktemp("kafka-cluster")), **CLUSTER_SETTINGS)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
+
+
+# The secure broker's users: SCRAM (both mechanisms) made by kafka-storage format
+# --add-scram, PLAIN in its listener's JAAS line; SECRET_PASSWORD is grepped for in outputs.
+KAFKA_USER = "payments"
+
+
+@pytest.fixture(scope="session")
+def secure_kafka(tmp_path_factory, tls_files):
+    """One Apache Kafka broker with Kafka's own TLS and SASL listeners: SSL,
+    SASL_SSL (SCRAM-SHA-256 and SCRAM-SHA-512) and SASL_PLAINTEXT (PLAIN), its
+    certificate (PEM) signed by tls_files.ca. .address(protocol) is each one's."""
+    folder = str(tmp_path_factory.mktemp("kafka-secure"))
+    keystore = os.path.join(folder, "broker-keystore.pem")
+    with open(keystore, "w") as f:                              # key, then its chain
+        f.write(open(tls_files.key).read() + open(tls_files.cert).read())
+    scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+    settings = {
+        "ssl.keystore.type": "PEM", "ssl.keystore.location": keystore,
+        "listener.name.sasl_ssl.sasl.enabled.mechanisms": "SCRAM-SHA-256,SCRAM-SHA-512",
+        "listener.name.sasl_plaintext.sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config": scram,
+        "listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config": scram,
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config":
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{KAFKA_USER}="{SECRET_PASSWORD}";',
+    }
+    listeners = {name: name for name in ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")}
+    scram_users = [arg for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512") for arg in (
+        "--add-scram", f"{mechanism}=[name={KAFKA_USER},password={SECRET_PASSWORD}]")]
+    broker = KafkaBroker(folder, listeners=listeners, format_args=scram_users,
+                         **settings)
+    broker.start()
+    yield broker
+    broker.close()

@@ -1251,6 +1251,8 @@ class GroupCommit:
     future; flush() waits for the caller's record to settle; send()'s future holds the
     outcome. At most max_pending wait; until start(producer), sends wait for it."""
 
+    notes = None        # a KafkaNotes: why Kafka fails, from kafka-python's log
+
     def __init__(self, timeout_s, max_pending):
         self.timeout_s, self.max_pending, self.producer = timeout_s, max_pending, None
         self.pending = 0            # records queued or sent, not yet acknowledged or failed
@@ -1259,7 +1261,7 @@ class GroupCommit:
         self._lock, self._started = threading.Lock(), threading.Event()
         self._waiting = queue.SimpleQueue()     # _Publication, then None to stop the thread
         self._mine = threading.local()          # the calling thread's last record
-        self._closed = False
+        self._closed = self.reached = False
 
     def start(self, producer):
         self.producer = producer
@@ -1271,6 +1273,8 @@ class GroupCommit:
         deadline = time.monotonic() + self.timeout_s
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
+        if not self.reached:                # until a broker acknowledged something
+            self._refuse_if_unreachable()
         if self._closed:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
@@ -1284,8 +1288,22 @@ class GroupCommit:
         return publication
 
     def flush(self, timeout=None):
-        if not self._mine.publication.settled.acquire(timeout=timeout):
-            raise self._timeout_error()
+        """Wait until the caller's record is settled, within timeout; a broker that was
+        never reached and cannot be now ends the wait sooner (checked four times a second)."""
+        settled, deadline = self._mine.publication.settled, time.monotonic() + timeout
+        while not settled.acquire(timeout=min(0.25, timeout)):
+            if not self.reached:
+                self._refuse_if_unreachable()
+            if time.monotonic() >= deadline:
+                raise self._timeout_error()
+            timeout = remaining(deadline)
+
+    def _refuse_if_unreachable(self):
+        """503 at once while no broker was ever reached and none can be now."""
+        if self.notes and not self.producer._metadata.brokers() and (
+                why := self.notes.unreachable(within_s=2.0)):
+            self.broker.began("unreachable", f"Kafka is unreachable: {why}")
+            raise BrokerUnavailable(f"Kafka is unreachable: {why}", "unreachable")
 
     def _run(self):
         """The publisher thread: take every record waiting and commit them; again."""
@@ -1336,9 +1354,10 @@ class GroupCommit:
             self._free_slot()
         else:                                       # still in the producer's buffer
             future.add_both(self._free_slot)
-        if isinstance(outcome, Exception):
-            self.broker.began(type(outcome).__name__, str(outcome))    # "Name: what"
+        if isinstance(outcome, Exception):          # logged as its 503 says it
+            self.broker.began(type(outcome).__name__, self.refusal(outcome).detail)
         else:
+            self.reached = True
             self.broker.ended()
         publication.outcome = outcome
         publication.settled.release()
@@ -1388,10 +1407,17 @@ class GroupCommitPublisher(Publisher):
         super().__init__(GroupCommit(config.kafka_timeout_s, config.max_pending_events), config)
         self.observers = []
         self.start, self.close = self.producer.start, self.producer.close
+        self.producer.refusal = self.refusal        # its outage line says what the 503 says
 
     @property
     def pending(self):
         return self.producer.pending
+
+    def refusal(self, exc):
+        """The lesson's 503; for a timeout, of the error kafka-python last retried on."""
+        if self.producer.notes and isinstance(exc, sys.modules["kafka.errors"].KafkaTimeoutError):
+            exc = self.producer.notes.retried_on(within_s=self.timeout_s) or exc
+        return Publisher.refusal(self, exc)
 
     def publish(self, event):
         started = time.perf_counter()
@@ -1404,6 +1430,63 @@ class GroupCommitPublisher(Publisher):
         if isinstance(outcome, BrokerUnavailable):
             raise outcome
         return outcome
+
+
+class KafkaNotes(logging.Handler):
+    """kafka-python's log, read, not printed: it reconnects and retries by itself, then
+    says only "timeout"; these notes keep why, for the 503s and an outage's one line."""
+
+    def __init__(self, bootstrap):
+        super().__init__(logging.WARNING)
+        self.servers = [server.strip() for server in bootstrap.split(",")]
+        self.failed, self.retried, self._probed = {}, (-1e9, None), -1e9   # {server: (when, why)}
+
+    def emit(self, record):
+        with contextlib.suppress(Exception):    # a line kafka-python words otherwise
+            if record.msg.startswith("Bootstrap connection to %s failed"):     # bootstrap-N
+                self.note(self.servers[int(record.args[0].rpartition("-")[2])],
+                          connection_error(record.args[1]))
+            elif record.msg.startswith("%s: Got error produce response"):
+                self.retried = (time.monotonic(), getattr(sys.modules["kafka.errors"],
+                                                          record.args[3]))
+
+    def note(self, server, why):
+        at, known = self.failed.get(server, (-1e9, ""))        # it may close after saying why
+        keep = why == CLOSED and time.monotonic() - at < 10
+        self.failed[server] = (time.monotonic(), known if keep else
+                               f"could not connect to {server}: {why}")
+
+    def unreachable(self, within_s):
+        """Why no bootstrap server can be reached, each having failed within_s ago (kafka-
+        python's attempts, a TCP connect at most once a second); else a false value."""
+        now = time.monotonic()
+        for server in self.servers if now - self._probed >= 1.0 else ():
+            self._probed, (host, _, port) = now, server.rpartition(":")
+            try:
+                socket.create_connection((host.strip("[]"), int(port)), 0.5).close()
+            except (socket.gaierror, UnicodeError):
+                self.note(server, f"host {host!r} does not resolve")
+            except OSError as exc:
+                self.note(server, (exc.strerror or str(exc)).lower())
+        failures = [self.failed.get(server, (-1e9, "")) for server in self.servers]
+        return all(now - at < within_s for at, _ in failures) and "; ".join(w for _, w in failures)
+
+    def retried_on(self, within_s):
+        return self.retried[1]() if time.monotonic() - self.retried[0] < within_s else None
+
+
+CLOSED = "the broker closed the connection (a wrong protocol, SASL user or password?)"
+
+
+def connection_error(exc):
+    """kafka-python's connection error in words: 'connection refused', 'TLS handshake ...'."""
+    text = str(exc.args[0] if exc.args else exc)
+    if refused := re.fullmatch(r"(\d+) E[A-Z]+", text):
+        return os.strerror(int(refused[1])).lower()
+    if text.startswith("Handshake failed: "):
+        return "TLS handshake failed: " + re.sub(r"^\[SSL: \w+\] | \(_ssl\.c:\d+\)$", "", text[18:])
+    return f"SASL login refused: {text}" if "Sasl" in type(exc).__name__ else (
+        CLOSED if text == "socket disconnected" else text)
 
 
 GROUP_LINGER_MS = 5     # the sender may hold a record this long unasked; a flush sends at once
@@ -2004,14 +2087,8 @@ def build_server(config, publisher, log_writer):
 
 def start_publisher(publisher, config, producer_settings, stop):
     """Make the producer (slow to import: the server answers meanwhile) and start publishing."""
-    for server in config.kafka_bootstrap.split(","):    # kafka:9092 resolves in Compose only
-        host = server.strip().rpartition(":")[0].strip("[]")
-        try:
-            socket.getaddrinfo(host, None)
-        except (socket.gaierror, UnicodeError):
-            log.warning("KAFKA_BOOTSTRAP host %r does not resolve: mock-succeed answers 503 "
-                        "until it does (outside Docker Compose, try KAFKA_BOOTSTRAP="
-                        "localhost:9092)", host)
+    if why := publisher.producer.notes.unreachable(within_s=2.0):   # kafka:9092: Compose's
+        publisher.producer.broker.began("unreachable", f"Kafka is unreachable: {why}")
     for attempt in itertools.count():
         try:
             return publisher.start(make_producer(config, linger_ms=GROUP_LINGER_MS,
@@ -2047,12 +2124,14 @@ def serve(argv):
     cpu = pin_to_one_cpu(config.pin_cpu)       # before any thread starts: they inherit it
     stdout, stderr = LogWriter(1), LogWriter(2)
     logging.basicConfig(level=logging.WARNING, handlers=[stderr])
-    logging.getLogger("kafka").setLevel(logging.CRITICAL)   # one line per outage is ours
     if resource is not None:                    # each connection takes a descriptor
         with contextlib.suppress(ValueError, OSError):
             hard_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard_limit, hard_limit))
     publisher = GroupCommitPublisher(config)
+    publisher.producer.notes = notes = KafkaNotes(config.kafka_bootstrap)   # kafka-python's
+    logging.getLogger("kafka").propagate = False    # log: read, not printed (an outage's
+    logging.getLogger("kafka").addHandler(notes)    # one line is ours)
     try:
         server = build_server(config, publisher, stderr)
     except OSError as exc:

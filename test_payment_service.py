@@ -139,13 +139,11 @@ Configuration: settings, bad settings, Kafka security
       test_default_client_settings_are_plaintext_with_a_client_id,
       test_sasl_settings_reach_the_producer_and_the_password_is_never_shown,
       test_ca_file_settings_reach_the_producer
-  - TLS: the right CA gets a 200 and the record over TLS; a wrong one 503s, nothing sent
-      test_tls_with_the_right_ca_answers_200_and_the_record_arrives_over_tls,
-      test_tls_with_a_wrong_ca_answers_503_and_publishes_nothing
-  - SASL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512), and SASL over TLS (a managed cluster)
-      test_sasl_login_is_checked_and_the_record_arrives,
-      test_sasl_wrong_password_answers_503_and_publishes_nothing,
-      test_sasl_ssl_the_managed_cluster_case_end_to_end
+  - against Apache Kafka's own listeners (test_kafka.py): TLS, SASL_SSL with SCRAM-SHA-512
+    and SCRAM-SHA-256, SASL_PLAINTEXT with PLAIN acknowledge; a wrong CA, password or
+    user is a 503 naming the refusal, one log line, nothing published
+      test_kafka_tls_and_sasl_listeners_acknowledge_the_events,
+      test_kafka_refusing_the_ca_password_or_user_is_a_named_503_and_one_line
 The demo stack and the image
   - compose.yaml: Kafka (KRaft, one node), then the service built from the Dockerfile
       test_compose_runs_kafka_then_the_service_built_from_the_dockerfile
@@ -309,7 +307,7 @@ import payment_service as ps
 from conftest import (
     BOUND_S, CREATE, EVENT_LINE, HERE, SECRET_PASSWORD, SHUTDOWN_BOUND_S, SLACK_S,
     SPARE_THREAD_S, SUCCEED, SWAGGER_UI_DIST, Chromium, FakeProducer, InProcessService,
-    Relay, SaslGateway, StaticFiles, Stream, TlsRelay, assert_no_secret_and_no_traceback,
+    Relay, StaticFiles, Stream, assert_no_secret_and_no_traceback,
     assert_on_topic, assert_outage_answered_503, assert_within_bound, broker_behind,
     browser_or_skip, client_settings, close_all, compose_services, consumer_settings, contract_payment,
     cpu_seconds, cpus_allowed_per_thread, dockerfile_healthcheck, free_port,
@@ -1146,7 +1144,9 @@ def test_sigterm_under_load_exits_0_with_every_200_on_the_topic(spawn, tansu):
 
 @pytest.mark.slow
 def test_sigterm_while_broker_down_exits_0_after_in_flight_503(spawn):
-    svc = spawn(f"127.0.0.1:{free_port()}")
+    # a broker that takes connections and never answers: a refused one is a 503 at once
+    silent = socket.create_server(("127.0.0.1", 0))
+    svc = spawn(f"127.0.0.1:{silent.getsockname()[1]}")
     answers = []
     client = threading.Thread(
         target=lambda: answers.append(request(svc.base, "POST", SUCCEED, payment_body(1))),
@@ -1318,85 +1318,7 @@ def test_ca_file_settings_reach_the_producer(tls_files):
         assert description == f"SSL (CA file {ca})"
 
 
-def test_tls_with_the_right_ca_answers_200_and_the_record_arrives_over_tls(spawn, tansu, tls_files):
-    relay = TlsRelay(tls_files.cert, tls_files.key)
-    broker_behind(tansu, relay)
-    env = {"KAFKA_SECURITY_PROTOCOL": "SSL", "KAFKA_SSL_CAFILE": tls_files.ca}
-    svc = spawn(f"127.0.0.1:{relay.port}", **env)
-    assert f"over SSL (CA file {tls_files.ca})" in svc.output
-    results = post_records(svc, 3)
-    assert [status for _, status, _ in results] == [200] * 3, svc.output
-    assert relay.handshakes >= 1 and relay.refused_handshakes == 0
-    records = [(r.key, r.value)
-               for r in read_topic(f"127.0.0.1:{relay.port}", **consumer_settings(env))]
-    for order_id, _, _ in results:
-        assert record_of(order_id) in records
-    assert_no_secret_and_no_traceback(svc.output)
-
-
-def test_tls_with_a_wrong_ca_answers_503_and_publishes_nothing(spawn, tansu, tls_files):
-    relay = TlsRelay(tls_files.cert, tls_files.key)
-    broker_behind(tansu, relay)
-    svc = spawn(f"127.0.0.1:{relay.port}", KAFKA_SECURITY_PROTOCOL="SSL",
-                KAFKA_SSL_CAFILE=tls_files.other_ca)
-    results = post_records(svc, 3)
-    assert [status for _, status, _ in results] == [503] * 3
-    assert all(seconds < BOUND_S + SLACK_S for _, _, seconds in results)
-    assert relay.handshakes == 0 and relay.refused_handshakes >= 1
-    keys = {r.key for r in read_topic(
-        f"127.0.0.1:{relay.port}", security_protocol="SSL", ssl_cafile=tls_files.ca)}
-    assert not keys & {str(order_id).encode() for order_id, _, _ in results}
-    assert_no_secret_and_no_traceback(svc.output)
-
-
-@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
-def test_sasl_login_is_checked_and_the_record_arrives(spawn, tansu, mechanism):
-    gateway = SaslGateway({"payments": SECRET_PASSWORD})
-    broker_behind(tansu, gateway)
-    env = sasl_env(mechanism)
-    svc = spawn(f"127.0.0.1:{gateway.port}", **env)
-    assert f"over SASL_PLAINTEXT, {mechanism} as user 'payments'" in svc.output
-    results = post_records(svc, 2)
-    assert [status for _, status, _ in results] == [200] * 2, svc.output
-    assert (mechanism, "payments") in gateway.logins and not gateway.refused
-    records = [(r.key, r.value)
-               for r in read_topic(f"127.0.0.1:{gateway.port}", **consumer_settings(env))]
-    for order_id, _, _ in results:
-        assert record_of(order_id) in records
-    assert_no_secret_and_no_traceback(svc.output)
-
-
-@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-512"])
-def test_sasl_wrong_password_answers_503_and_publishes_nothing(spawn, tansu, mechanism):
-    gateway = SaslGateway({"payments": "the-right-password"})
-    broker_behind(tansu, gateway)
-    svc = spawn(f"127.0.0.1:{gateway.port}", **sasl_env(mechanism))
-    results = post_records(svc, 2)
-    assert [status for _, status, _ in results] == [503] * 2
-    assert all(seconds < BOUND_S + SLACK_S for _, _, seconds in results)
-    assert (mechanism, "payments") in gateway.refused and not gateway.logins
-    keys = {r.key for r in read_topic(f"127.0.0.1:{gateway.port}", **consumer_settings(
-        sasl_env(mechanism, password="the-right-password")))}
-    assert not keys & {str(order_id).encode() for order_id, _, _ in results}
-    assert_no_secret_and_no_traceback(svc.output)
-
-
-def test_sasl_ssl_the_managed_cluster_case_end_to_end(spawn, tansu, tls_files):
-    relay = TlsRelay(tls_files.cert, tls_files.key)
-    gateway = SaslGateway({"payments": SECRET_PASSWORD})
-    broker_behind(tansu, relay, gateway)            # TLS outside, then the SASL check
-    env = dict(sasl_env("SCRAM-SHA-512", "SASL_SSL"), KAFKA_SSL_CAFILE=tls_files.ca)
-    svc = spawn(f"127.0.0.1:{relay.port}", **env)
-    results = post_records(svc, 2)
-    assert [status for _, status, _ in results] == [200] * 2, svc.output
-    assert relay.handshakes >= 1 and ("SCRAM-SHA-512", "payments") in gateway.logins
-    records = [(r.key, r.value)
-               for r in read_topic(f"127.0.0.1:{relay.port}", **consumer_settings(env))]
-    for order_id, _, _ in results:
-        assert record_of(order_id) in records
-    code, _ = svc.stop()
-    assert code == 0
-    assert_no_secret_and_no_traceback(svc.output)
+# TLS and SASL against Apache Kafka's own listeners: test_kafka.py.
 
 
 # ===========================================================================

@@ -213,7 +213,8 @@ def run_console_examples(path):
             service, broker_port = services.for_block(block)
             for example in block.examples:
                 count += 1
-                actual = run(rewrite(example.command, service.port, broker_port))
+                actual = [line.replace(f"127.0.0.1:{broker_port}", "localhost:9092")  # as shown
+                          for line in run(rewrite(example.command, service.port, broker_port))]
                 if not same(example.expected, actual):
                     diff = "\n".join(difflib.unified_diff(
                         example.expected, actual, f"{name} (what it shows)", "what it printed",
