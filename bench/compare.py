@@ -126,7 +126,11 @@ KAFKA_BROKER = """
 import signal, sys, tempfile, time
 sys.path.insert(0, sys.argv[1])
 from conftest import KafkaBroker
+from kafka.admin import KafkaAdminClient, NewTopic
 broker = KafkaBroker(tempfile.mkdtemp(prefix="bench-kafka-")).start()
+admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap)   # the tests' broker creates
+admin.create_topics([NewTopic("bench.ceiling", 1, 1)])          # no topic by itself
+admin.close()
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
 print("bootstrap", broker.bootstrap, flush=True)
 try:
