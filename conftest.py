@@ -95,9 +95,12 @@ def free_port():
 
 
 def wait_until(predicate, timeout_s, what):
+    """Poll predicate every 50 ms until it is true; else fail, naming what (or what(),
+    a callable that says more once it failed)."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        assert time.monotonic() < deadline, \
+            f"not within {timeout_s} s: {what() if callable(what) else what}"
         time.sleep(0.05)
 
 

@@ -126,10 +126,7 @@ class Traefik:
             conn.close()
 
     def wait_until_routing(self, timeout_s=15.0):
-        deadline = time.monotonic() + timeout_s
-        while not self.routes():
-            assert time.monotonic() < deadline, f"traefik does not route /payment:\n{self.log()}"
-            time.sleep(0.05)
+        wait_until(self.routes, timeout_s, lambda: f"traefik routing /payment:\n{self.log()}")
 
     def log(self):
         try:
