@@ -434,9 +434,8 @@ log = logging.getLogger("payment_service")
 
 MAX_HEAD_BYTES = 32 * 1024      # request line and header fields (docs/limits.md says why)
 MAX_HEADERS = 100
-MIN_DATA_RATE = 240             # bytes/s a body or an answer keeps up, after SLOW_GRACE_S
-SLOW_GRACE_S = 1.0
-SLOW_AFTER_S = 0.25             # at MAX_CONNECTIONS, a body or answer this old may be slow
+SLOW_GRACE_S = 1.0              # an answer left unread for twice this closes the connection
+SLOW_AFTER_S = 0.25             # at MAX_CONNECTIONS, a body or answer this old may be closed
 SEND_BUFFER_BYTES = 32 * 1024   # per connection (the kernel doubles it)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -448,7 +447,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # thread or memory past a bound" (README: Endpoints; docs/limits.md). A head
 # fits MAX_HEAD_BYTES and arrives within HEADER_TIMEOUT_S of its first byte; a
 # body, by Content-Length or chunked, fits MAX_BODY_BYTES within BODY_TIMEOUT_S
-# and MIN_DATA_RATE; a trusted proxy names the client; HTTP/2 is told no.
+# (no rate rule: pauses are a client's own); a trusted proxy names the client.
 
 class DeadlineReader(io.RawIOBase):
     """The connection's input under the idle timeout and a deadline, checked
@@ -456,7 +455,7 @@ class DeadlineReader(io.RawIOBase):
 
     def __init__(self, sock, idle_timeout_s, header_timeout_s):
         self._sock, self._idle_s, self._header_s = sock, idle_timeout_s, header_timeout_s
-        self._shortened = False
+        self._shortened = self.evicted = False
         self.done()
 
     def readable(self):
@@ -471,16 +470,12 @@ class DeadlineReader(io.RawIOBase):
             self._shortened = False
 
     def await_body(self, timeout_s):
-        self.body_since = self._last_byte = time.monotonic()
-        self._received = 0
+        self.body_since = time.monotonic()
         self._what, self._timeout_s = "body", timeout_s
         self._deadline = self.body_since + timeout_s
 
     def readinto(self, buffer):
         deadline = self._deadline
-        if self.body_since is not None:         # below MIN_DATA_RATE unless more comes
-            deadline = min(deadline, self.body_since +
-                           max(SLOW_GRACE_S, self._received / MIN_DATA_RATE))
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -494,22 +489,14 @@ class DeadlineReader(io.RawIOBase):
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._expired() from None
             return None                             # idle: the file object sees no data
-        if self.body_since is not None:
-            self._received += count
-            self._last_byte = time.monotonic()
-        elif count and self._deadline is None:      # a head's first byte
+        if not count and self.evicted and self.body_since is not None:
+            raise HTTPError(503, "closed to make room for another connection; try again",
+                            [("Retry-After", "1")])
+        if count and self._deadline is None:        # a head's first byte
             self._deadline = time.monotonic() + self._timeout_s
         return count
 
-    def slow(self, now):
-        """Reading a body, for a while, below MIN_DATA_RATE or stalled for SLOW_GRACE_S."""
-        return self.body_since is not None and now - self.body_since > SLOW_AFTER_S and (
-            self._received < (now - self.body_since) * MIN_DATA_RATE
-            or now - self._last_byte > SLOW_GRACE_S)
-
     def _expired(self):
-        if self.body_since is not None and time.monotonic() < self._deadline:
-            return HTTPError(408, f"body arriving slower than {MIN_DATA_RATE} bytes/s")
         return HTTPError(408, f"{self._what} not received in full within {self._timeout_s:g} s")
 
 
@@ -564,10 +551,11 @@ class StrictRequestHandler(PaymentRequestHandler):
         self.server.untrack(self)
         try:
             super().finish()
-        except OSError:
-            return
-        if self.linger:                 # input still coming: closing now would reset
-            self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
+            if self.linger:             # input still coming: closing now would reset
+                self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
+        except OSError as exc:          # the client left, or no descriptor to linger: counted
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.server.refusals.began("no_descriptor", f"no descriptor to linger: {exc}")
 
     def handle_one_request(self):
         """Read one request within the head's budget and deadline; answer it."""
@@ -595,12 +583,11 @@ class StrictRequestHandler(PaymentRequestHandler):
         if not self.close_connection:
             self.server.end_request(self)
 
-    def slow(self, now):
-        """Below MIN_DATA_RATE now: a body arriving slower, or an answer not taken
-        for SLOW_AFTER_S (its send buffer is full: the client left it unread)."""
-        if self.writing_since is not None:
-            return now - self.writing_since > SLOW_AFTER_S
-        return self.reader.slow(now)
+    def busy_since(self, now):
+        """Since when an answer waits for the client to read it (its send buffer is
+        full) or a body arrives, if over SLOW_AFTER_S; else None."""
+        since = self.writing_since if self.writing_since is not None else self.reader.body_since
+        return since if since is not None and now - since > SLOW_AFTER_S else None
 
     def answer(self, status, payload, headers=()):
         self.writing_since = time.monotonic()      # a client not reading it is evictable
@@ -644,7 +631,8 @@ class StrictRequestHandler(PaymentRequestHandler):
         self.body_unread = "transfer-encoding" in fields or \
             self.headers.get("content-length", "0") != "0"
         if "x-forwarded-for" in fields and self.server.trusts(self.client):
-            self.client = self.server.forwarded_client(self.headers["x-forwarded-for"])
+            self.client = self.server.forwarded_client(self.headers["x-forwarded-for"]) or \
+                self.client
         self.reader.done()
         self.server.begin_request(self)             # from here on, not evicted as idle
 
@@ -796,7 +784,7 @@ def _clock(second):
 # and a stop answers what is in flight" (README: More; docs/limits.md). Each
 # connection keeps a thread, so at most max_connections are held. At the bound
 # the connection waiting longest outside a request (idle, or sending its head),
-# else one below MIN_DATA_RATE, is closed to make room for a newcomer (as nginx
+# else the oldest body or unread answer, makes room for a newcomer (as nginx
 # frees idle keep-alive connections); only when there is none, it gets a 503.
 
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):
@@ -824,7 +812,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self._closed = threading.Condition(self._lock)
         self._handoff = queue.SimpleQueue()
         self.refusals = Episodes("refusing connections", "accepting connections again")
-        self.lingerer = Lingerer()
+        self.lingerer = Lingerer(lambda: self.max_connections + Lingerer.spare -
+                                 len(self._connections) - self._queued)
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, StrictRequestHandler)
@@ -852,15 +841,16 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             ipaddress.ip_address(address) in network for network in self.trusted_proxies)
 
     def forwarded_client(self, forwarded_for):
-        """X-Forwarded-For's right-most address that is not a trusted proxy (uvicorn's rule)."""
-        hops = [hop.strip(" \t")[:64] for hop in forwarded_for.split(",")]
-        for hop in reversed(hops):
+        """X-Forwarded-For's right-most address that is not a trusted proxy (uvicorn's rule),
+        else its left-most; None (the peer stays the client) past a hop not an IP address."""
+        for hop in reversed(forwarded_for.split(",")):
             try:
-                if not self.trusts(hop):
-                    return hop
-            except ValueError:                  # not an address: trust stops here
-                return hop
-        return hops[0]
+                client = str(ipaddress.ip_address(hop.strip(" \t")[:64].partition("%")[0]))
+            except ValueError:
+                return None
+            if not self.trusts(client):
+                return client
+        return client
 
     def track(self, handler):
         with self._lock:
@@ -888,9 +878,10 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             if self._connections.pop(handler, 0) is None:
                 self._connections[handler] = None
 
-    def _evictable(self):
-        """With the lock held: the connection to close for a newcomer, or None."""
-        now, slow = time.monotonic(), None
+    def _evictable(self, busy=True):
+        """With the lock held: the connection to close for a newcomer, or None: the
+        one waiting longest outside a request, else (busy) the oldest busy_since()."""
+        now, oldest, since = time.monotonic(), None, float("inf")
         for handler in self._connections:
             if handler.evicted:
                 continue
@@ -899,12 +890,14 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 if not handler.in_request:      # its request did not begin meanwhile
                     break
                 handler.evicted = False
-            if slow is None and handler.slow(now):
-                slow = handler
+            started = busy and handler.busy_since(now)
+            if started and started < since:
+                oldest, since = handler, started
         else:
-            if slow is None:
+            if oldest is None:
                 return None
-            handler, handler.evicted = slow, True
+            handler, handler.evicted = oldest, True
+            handler.reader.evicted = handler.writing_since is None    # a body: answer 503
         del self._connections[handler]
         self._closing += 1
         return handler
@@ -938,8 +931,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 self._thread_count += 1
                 self._threads_peak = max(self._threads_peak, self._thread_count)
                 start = True
-        if victim is not None:
-            shutdown_quietly(victim.connection)
+        if victim is not None:      # a body's reader sees its end and answers 503
+            shutdown_quietly(victim.connection, socket.SHUT_RD if victim.reader.evicted else
+                             socket.SHUT_RDWR)
         try:
             if start:
                 threading.Thread(target=self._serve_connections, name="connection",
@@ -1018,7 +1012,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + grace_s
         while True:
             with self._lock:
-                closing = list(iter(self._evictable, None))
+                closing = list(iter(lambda: self._evictable(busy=False), None))
                 left = len(self._connections)
             for handler in closing:
                 shutdown_quietly(handler.connection)
@@ -1028,9 +1022,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             time.sleep(0.02)
 
 
-def shutdown_quietly(sock):
+def shutdown_quietly(sock, how=socket.SHUT_RDWR):
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(how)
 
 
 class Lingerer:
@@ -1039,9 +1033,10 @@ class Lingerer:
     closed with input unread, a socket sends a reset that can destroy the answer."""
 
     most, linger_s, quiet_s = 256, 10.0, 1.0    # nginx: lingering_time 30 s, _timeout 5 s
+    spare = 16          # past the connection bound (503s at the bound): descriptors are counted
 
-    def __init__(self):
-        self._new = queue.SimpleQueue()
+    def __init__(self, room=lambda: Lingerer.most):
+        self._new, self.room = queue.SimpleQueue(), room    # room(): sockets it may hold now
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
     def add(self, sock, half_close=True):
@@ -1060,16 +1055,15 @@ class Lingerer:
                     sock = self._new.get(block=not ends)
                     if sock is None:                    # stop()
                         return
-                    if len(ends) >= self.most:          # past this, close at once
-                        sock.close()
-                        continue
                     selector.register(sock, selectors.EVENT_READ)
                     now = time.monotonic()
                     ends[sock] = (now + self.linger_s, now + self.quiet_s)
             ready = {key.fileobj for key, _ in selector.select(0.05)}
-            now = time.monotonic()
+            now, excess = time.monotonic(), len(ends) - min(self.most, self.room())
             for sock, (end, quiet_until) in list(ends.items()):
-                if sock in ready and now < end:
+                if excess > 0:                  # the oldest first, past the room left
+                    excess -= 1
+                elif sock in ready and now < end:
                     try:
                         if sock.recv(65536, socket.MSG_DONTWAIT):
                             ends[sock] = (end, now + self.quiet_s)
@@ -1127,7 +1121,8 @@ def connection_bound(max_connections):
     memory can carry (one warning when lowered)."""
     limits, soft = [], resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else -1
     if soft != -1:      # RLIM_INFINITY
-        limits.append((soft - len(os.listdir("/dev/fd")) - 16, f"RLIMIT_NOFILE is {soft}"))
+        limits.append((soft - len(os.listdir("/dev/fd")) - 16 - Lingerer.spare,
+                       f"RLIMIT_NOFILE is {soft}"))
     pids = cgroup_limit("pids", "pids.max")
     if pids is not None:
         limits.append((pids - len(os.listdir("/proc/self/task")) - 8,
@@ -1178,7 +1173,7 @@ class GroupCommitPublisher(Publisher):
                                "back", "Kafka acknowledges events again")
         self._lock, self._started = threading.Lock(), threading.Event()
         self._waiting = queue.SimpleQueue()     # _Publication, then None to stop the thread
-        self._closed = False
+        self._closed, self.stop_by = False, float("inf")    # a stop's end: no wait past it
 
     def start(self, producer):
         """Publish through this producer from now on (requests before it wait)."""
@@ -1201,10 +1196,10 @@ class GroupCommitPublisher(Publisher):
 
     def _publish(self, payment):
         """Queue the record for the publisher thread; wait for its own outcome."""
-        deadline = time.monotonic() + self.timeout_s
+        deadline = min(time.monotonic() + self.timeout_s, self.stop_by)
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
-        if self._closed:
+        if self._closed or time.monotonic() >= self.stop_by:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
         with self._lock:
@@ -1418,12 +1413,15 @@ class LogWriter(logging.Handler):
 
 def access_log_line(handler, status, size):
     """Common Log Format, the client as a trusted proxy names it, the request
-    line escaped and cut to 1,000 characters (the log grows no faster than requests)."""
-    line = handler.requestline
+    line cut to 1,000 characters (the log grows no faster than requests), each
+    field escaped (C0, C1, DEL: no terminal control, no line split)."""
+    line, client = handler.requestline, handler.client
     if len(line) > 1000:
         line = f"{line[:1000]}... ({len(line)} characters)"
     line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    return f'{handler.client} - - [{clock()[1]}] "{line}" {status} {size}'
+    if not (client.isascii() and client.isprintable()):     # an IPv6 zone holds any text
+        client = client.encode("unicode_escape").decode("ascii")
+    return f'{client} - - [{clock()[1]}] "{line}" {status} {size}'
 
 
 # ===========================================================================
@@ -1521,7 +1519,7 @@ def error_statuses(method, function):
         405: "a method the path does not have (only methods missing from this document); "
              "Allow lists the path's methods",
         408: "the request head did not arrive within HEADER_TIMEOUT_S of its first byte" +
-             post * f", or the body not within BODY_TIMEOUT_S or slower than {MIN_DATA_RATE} B/s",
+             post * ", or the body not within BODY_TIMEOUT_S of its start (whatever its pauses)",
         411: post * "neither Content-Length nor Transfer-Encoding: chunked",
         413: post * f"a body larger than {MAX_BODY_BYTES} bytes",
         414: f"a request line longer than {MAX_HEAD_BYTES} bytes",
@@ -1531,7 +1529,8 @@ def error_statuses(method, function):
              f"header fields",
         500: "an unexpected error (the traceback goes to the server's log)",
         501: post * "a transfer coding other than chunked",
-        503: "MAX_CONNECTIONS connections are held and none is idle or slow" +
+        503: "MAX_CONNECTIONS connections are held and none is idle, sending a body or not "
+             "reading its answer" + post * "; at the bound, the oldest body makes room" +
              (function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
              publishes * ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
                           "MAX_PENDING_EVENTS events are already waiting for it"),
@@ -1947,8 +1946,9 @@ def serve(argv):
         stop.clear()
         stop.wait(config.shutdown_delay_s)          # a second signal ends it
     stdout.write("stopping: finishing in-flight requests")
+    publisher.stop_by = time.monotonic() + config.kafka_timeout_s   # each answered by then
     server.stop(grace_s=config.kafka_timeout_s + 1)
-    publisher.close(timeout_s=2.0)
+    publisher.close(timeout_s=1.0)
     stderr.close()
     if stop.failure:
         raise SystemExit(stop.failure)

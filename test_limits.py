@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import (
-    CREATE, SUCCEED, ServiceProcess, metric_samples, parse_raw_answers,
+    CREATE, SUCCEED, ServiceProcess, SlowSenders, metric_samples, parse_raw_answers,
     payment_body, raw_exchange, read_until_closed, request, rss_mib, unique_order_id, wait_until)
 
 ANSWER_WITHIN_S = 2.0        # a fresh client is "answered" with a 200 within this
@@ -542,4 +542,60 @@ def test_low_fd_or_pids_limits_leave_many_connections_and_all_are_served(
     assert bound > 1, lowered[0]
     statuses = hold_inside_requests(svc.base, bound)
     assert statuses == [200] * bound, statuses
+    assert svc.stop()[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# Slots: slow but valid bodies, each inside BODY_TIMEOUT_S
+# ---------------------------------------------------------------------------
+# Issue 23's attack, scaled down: a 1,000-byte create-intent at 300 B/s takes 3.3 s,
+# inside BODY_TIMEOUT_S=4 (the issue: 2,900 bytes, 9.7 s, inside the default 10 s);
+# each sender starts again once answered or closed. At the bound, the oldest body
+# makes room (503, Retry-After); below it, every slow sender gets its 200.
+
+SLOW_BODY = dict(body_bytes=1000, rate=300)
+
+
+def test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
+    senders = SlowSenders(svc.base, 20, **SLOW_BODY)
+    try:
+        time.sleep(1)                                # all 20 inside their bodies
+        during = probe_for(svc, 6)
+    finally:
+        statuses = senders.stop()
+    summary = f"senders' answers {dict(statuses)}; fresh clients: {during}"
+    print(summary)
+    assert during.share() >= 0.9, summary
+    assert set(statuses) <= {200, 503}, summary      # a closed body is answered
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
+
+
+def test_slow_valid_bodies_below_the_bound_all_get_200(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
+    senders = SlowSenders(svc.base, 16, again=False, **SLOW_BODY)
+    statuses = senders.wait(10)
+    senders.stop()
+    assert statuses == {200: 16}, statuses
+    assert svc.stop()[0] == 0
+
+
+@pytest.mark.slow
+def test_slow_valid_bodies_in_256_mib_leave_fresh_clients_answered_90_percent(
+        spawn, broker, cgroup):
+    memory = cgroup("memory", {"memory.limit_in_bytes": MEMORY_LIMIT})
+    svc = spawn(broker, BODY_TIMEOUT_S=4, ACCESS_LOG=0, preexec_fn=entering(memory))
+    bound = int(re.search(r"lowered to (\d+): the memory cgroup", svc.output)[1])
+    senders = SlowSenders(svc.base, bound + 8, **SLOW_BODY)
+    try:
+        wait_until(lambda: senders.opened >= bound + 8, 10, "the senders connected")
+        time.sleep(1)
+        during = probe_for(svc, 6)
+    finally:
+        statuses = senders.stop()
+    summary = f"bound {bound}; senders' answers {dict(statuses)}; fresh clients: {during}"
+    print(summary)
+    assert during.share() >= 0.9, summary
+    assert svc.proc.poll() is None and oom_kills(memory) == 0, summary
     assert svc.stop()[0] == 0

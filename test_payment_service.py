@@ -212,10 +212,11 @@ Limits and hostile clients
   - when every connection is inside a request: 503 with Connection: close, at once
       test_at_the_bound_with_every_connection_inside_a_request_503_at_once
   - the head within HEADER_TIMEOUT_S of its first byte, the body within
-    BODY_TIMEOUT_S and, after SLOW_GRACE_S, at MIN_DATA_RATE: else 408
+    BODY_TIMEOUT_S of its start, whatever its pauses (no rate rule): else 408
       test_head_sent_a_byte_at_a_time_gets_408_at_the_header_deadline,
       test_request_line_sent_a_byte_at_a_time_gets_408_counted_without_a_traceback,
-      test_body_sent_slowly_gets_408_below_the_rate_or_at_the_body_deadline
+      test_body_sent_slowly_gets_408_at_the_body_deadline,
+      test_body_arriving_in_full_within_the_body_timeout_gets_200_whatever_its_pauses
   - out of threads: 503s and one warning; out of file descriptors: accepting pauses,
     one warning, counted; MAX_CONNECTIONS lowered to fit RLIMIT_NOFILE
       test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served,
@@ -299,7 +300,7 @@ from openapi_spec_validator import validate as validate_openapi
 
 import payment_service as ps
 from conftest import (
-    BOUND_S, CREATE, EVENT_LINE, HERE, SECRET_PASSWORD, SHUTDOWN_BOUND_S, SLACK_S,
+    padded_payment_body, BOUND_S, CREATE, EVENT_LINE, HERE, SECRET_PASSWORD, SHUTDOWN_BOUND_S, SLACK_S,
     SPARE_THREAD_S, SUCCEED, SWAGGER_UI_DIST, Chromium, FakeProducer, InProcessService,
     Relay, SaslGateway, StaticFiles, Stream, TlsRelay, assert_no_secret_and_no_traceback,
     assert_on_topic, assert_outage_answered_503, assert_within_bound, broker_behind,
@@ -790,9 +791,10 @@ def test_known_path_other_method_is_405_with_allow(base, method, path, allow):
     assert method in answer.json()["detail"]
 
 
-def test_body_shorter_than_content_length_from_a_stalled_client_is_408(base):
+def test_body_shorter_than_content_length_from_a_stalled_client_is_408(spawn, broker):
+    svc = spawn(broker, BODY_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
     body = payment_body(3)
-    with socket.create_connection(base, timeout=10) as sock:
+    with socket.create_connection(svc.base, timeout=10) as sock:
         sock.sendall((f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       f"Content-Length: {len(body) + 20}\r\n\r\n").encode() + body)
         started = time.monotonic()
@@ -800,8 +802,8 @@ def test_body_shorter_than_content_length_from_a_stalled_client_is_408(base):
         waited = time.monotonic() - started
     [(status, headers, answer)] = parse_raw_answers(data)
     assert status == 408 and headers["connection"] == "close"
-    assert json.loads(answer)["detail"] == f"body arriving slower than {ps.MIN_DATA_RATE} bytes/s"
-    assert ps.SLOW_GRACE_S - 0.2 <= waited < ps.SLOW_GRACE_S + SLACK_S    # below the rate
+    assert json.loads(answer)["detail"] == "body not received in full within 1.5 s"
+    assert 1.5 - 0.2 <= waited < 1.5 + SLACK_S            # the body deadline, no rate rule
 
 
 def test_idle_connection_is_closed_by_the_server(base, service):
@@ -1830,12 +1832,8 @@ def test_request_line_sent_a_byte_at_a_time_gets_408_counted_without_a_traceback
     assert "Traceback" not in svc.output
 
 
-@pytest.mark.parametrize("piece, timeout_s, detail", [
-    (1, ps.SLOW_GRACE_S, f"body arriving slower than {ps.MIN_DATA_RATE} bytes/s"),
-    (300, 1.5, "body not received in full within 1.5 s"),     # 1,000 bytes/s: above the rate
-])
-def test_body_sent_slowly_gets_408_below_the_rate_or_at_the_body_deadline(
-        spawn, broker, piece, timeout_s, detail):
+@pytest.mark.parametrize("piece", [1, 300])     # 3 or 1,000 bytes/s: no rate rule either way
+def test_body_sent_slowly_gets_408_at_the_body_deadline(spawn, broker, piece):
     svc = spawn(broker, BODY_TIMEOUT_S=1.5, IDLE_TIMEOUT_S=5)
     body = payment_body(7)[:-1] + b', "pad": "' + b"p" * 60000 + b'"}'
     with socket.create_connection(svc.base, timeout=10) as sock:
@@ -1846,8 +1844,36 @@ def test_body_sent_slowly_gets_408_below_the_rate_or_at_the_body_deadline(
         waited = time.monotonic() - started
     [(status, headers, answer)] = parse_raw_answers(data)
     assert status == 408 and headers["connection"] == "close"
-    assert json.loads(answer)["detail"] == detail
-    assert timeout_s - 0.2 <= waited < timeout_s + SLACK_S
+    assert json.loads(answer)["detail"] == "body not received in full within 1.5 s"
+    assert 1.5 - 0.2 <= waited < 1.5 + SLACK_S
+
+
+def post_in_pieces(base, body, pieces):
+    """POST body as pieces [(bytes, seconds to pause after)], the first with the
+    head in one send: (status, seconds from the head to the answer)."""
+    head = (f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.create_connection(base, timeout=10) as sock:
+        started, sent = time.monotonic(), 0
+        for i, (size, pause_s) in enumerate(pieces):
+            sock.sendall((b"" if i else head) + body[sent:sent + size])
+            sent += size
+            time.sleep(pause_s)
+        data = read_until_closed(sock)
+    return parse_raw_answers(data)[0][0], time.monotonic() - started
+
+
+@pytest.mark.parametrize("pieces", [
+    [(1500, 1.2), (548, 0)],            # 1,500 bytes ride with the head, then a pause
+    [(0, 1.2), (2048, 0)],              # a pause between the head and the body
+    [(26, 0.1)] * 20 + [(2048 - 20 * 26, 0)],     # 260 B/s for 2 s, the first with the head
+], ids=["with-the-head-then-a-pause", "a-pause-after-the-head", "steady-260-bytes-a-second"])
+def test_body_arriving_in_full_within_the_body_timeout_gets_200_whatever_its_pauses(
+        spawn, broker, pieces):
+    svc = spawn(broker, BODY_TIMEOUT_S=10, IDLE_TIMEOUT_S=5)
+    status, took = post_in_pieces(svc.base, padded_payment_body(7, 2048), pieces)
+    assert status == 200, f"{status} after {took:.2f} s"
+    assert svc.stop()[0] == 0
 
 
 @pytest.mark.slow
