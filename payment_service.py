@@ -470,8 +470,7 @@ class DeadlineReader(io.RawIOBase):
             self._shortened = False
 
     def await_body(self, timeout_s):
-        self.body_since = time.monotonic()
-        self._what, self._timeout_s = "body", timeout_s
+        self._what, self._timeout_s, self.body_since = "body", timeout_s, time.monotonic()
         self._deadline = self.body_since + timeout_s
 
     def readinto(self, buffer):
@@ -490,8 +489,7 @@ class DeadlineReader(io.RawIOBase):
                 raise self._expired() from None
             return None                             # idle: the file object sees no data
         if not count and self.evicted and self.body_since is not None:
-            raise HTTPError(503, "closed to make room for another connection; try again",
-                            [("Retry-After", "1")])
+            raise HTTPError(503, "closed to make room for a newcomer", [("Retry-After", "1")])
         if count and self._deadline is None:        # a head's first byte
             self._deadline = time.monotonic() + self._timeout_s
         return count
@@ -548,14 +546,15 @@ class StrictRequestHandler(PaymentRequestHandler):
             super().handle()
 
     def finish(self):
-        self.server.untrack(self)
-        try:
+        try:                            # untracked last: its descriptors count till then
             super().finish()
             if self.linger:             # input still coming: closing now would reset
                 self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
         except OSError as exc:          # the client left, or no descriptor to linger: counted
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 self.server.refusals.began("no_descriptor", f"no descriptor to linger: {exc}")
+        finally:
+            self.server.untrack(self)
 
     def handle_one_request(self):
         """Read one request within the head's budget and deadline; answer it."""
@@ -583,11 +582,9 @@ class StrictRequestHandler(PaymentRequestHandler):
         if not self.close_connection:
             self.server.end_request(self)
 
-    def busy_since(self, now):
-        """Since when an answer waits for the client to read it (its send buffer is
-        full) or a body arrives, if over SLOW_AFTER_S; else None."""
-        since = self.writing_since if self.writing_since is not None else self.reader.body_since
-        return since if since is not None and now - since > SLOW_AFTER_S else None
+    def busy_since(self):
+        """Since when an answer waits unread (its send buffer full) or a body arrives, or None."""
+        return self.writing_since if self.writing_since is not None else self.reader.body_since
 
     def answer(self, status, payload, headers=()):
         self.writing_since = time.monotonic()      # a client not reading it is evictable
@@ -812,8 +809,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self._closed = threading.Condition(self._lock)
         self._handoff = queue.SimpleQueue()
         self.refusals = Episodes("refusing connections", "accepting connections again")
-        self.lingerer = Lingerer(lambda: self.max_connections + Lingerer.spare -
-                                 len(self._connections) - self._queued)
+        self.lingerer = Lingerer()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, StrictRequestHandler)
@@ -841,14 +837,14 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             ipaddress.ip_address(address) in network for network in self.trusted_proxies)
 
     def forwarded_client(self, forwarded_for):
-        """X-Forwarded-For's right-most address that is not a trusted proxy (uvicorn's rule),
-        else its left-most; None (the peer stays the client) past a hop not an IP address."""
+        """X-Forwarded-For's right-most untrusted address (uvicorn's rule), stopping at a non-IP."""
+        client = None
         for hop in reversed(forwarded_for.split(",")):
             try:
-                client = str(ipaddress.ip_address(hop.strip(" \t")[:64].partition("%")[0]))
+                address = str(ipaddress.ip_address(hop.strip(" \t")[:64].partition("%")[0]))
             except ValueError:
-                return None
-            if not self.trusts(client):
+                return client
+            if not self.trusts(client := address):
                 return client
         return client
 
@@ -879,9 +875,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 self._connections[handler] = None
 
     def _evictable(self, busy=True):
-        """With the lock held: the connection to close for a newcomer, or None: the
-        one waiting longest outside a request, else (busy) the oldest busy_since()."""
-        now, oldest, since = time.monotonic(), None, float("inf")
+        """With the lock held: the one to close for a newcomer (idle first, else busy), or None."""
+        oldest, since = None, time.monotonic() - SLOW_AFTER_S    # busy: the oldest, past this
         for handler in self._connections:
             if handler.evicted:
                 continue
@@ -890,7 +885,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 if not handler.in_request:      # its request did not begin meanwhile
                     break
                 handler.evicted = False
-            started = busy and handler.busy_since(now)
+            started = busy and handler.busy_since()
             if started and started < since:
                 oldest, since = handler, started
         else:
@@ -920,7 +915,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         """Hand the connection to a spare or new thread; make room, or refuse."""
         victim = start = None
-        with self._lock:
+        with self._lock:            # descriptors: lingering sockets make room first
+            self.lingerer.shed(len(self._connections) + self._queued + len(self.lingerer.ends)
+                               + 1 - self.max_connections - Lingerer.spare)
             if len(self._connections) + self._queued >= self.max_connections:
                 victim = self._evictable()
                 if victim is None:
@@ -931,9 +928,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 self._thread_count += 1
                 self._threads_peak = max(self._threads_peak, self._thread_count)
                 start = True
-        if victim is not None:      # a body's reader sees its end and answers 503
-            shutdown_quietly(victim.connection, socket.SHUT_RD if victim.reader.evicted else
-                             socket.SHUT_RDWR)
+        if victim is not None:      # a body's reader sees its input end, and answers 503
+            shutdown_quietly(victim.connection, read_only=victim.reader.evicted)
         try:
             if start:
                 threading.Thread(target=self._serve_connections, name="connection",
@@ -986,8 +982,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self.lingerer.add(sock)
 
     def get_request(self):
-        """accept(); out of descriptors, close idle connections and pause 0.5 s
-        (as nginx does) rather than spin."""
+        """accept(); out of descriptors, close idle connections, pause 0.5 s (as nginx does)."""
         try:
             accepted = self.socket.accept()
         except OSError as exc:
@@ -1022,9 +1017,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             time.sleep(0.02)
 
 
-def shutdown_quietly(sock, how=socket.SHUT_RDWR):
+def shutdown_quietly(sock, read_only=False):
     with contextlib.suppress(OSError):
-        sock.shutdown(how)
+        sock.shutdown(socket.SHUT_RD if read_only else socket.SHUT_RDWR)
 
 
 class Lingerer:
@@ -1033,53 +1028,60 @@ class Lingerer:
     closed with input unread, a socket sends a reset that can destroy the answer."""
 
     most, linger_s, quiet_s = 256, 10.0, 1.0    # nginx: lingering_time 30 s, _timeout 5 s
-    spare = 16          # past the connection bound (503s at the bound): descriptors are counted
+    spare = 16          # sockets past the connection bound (its 503s): descriptors are counted
 
-    def __init__(self, room=lambda: Lingerer.most):
-        self._new, self.room = queue.SimpleQueue(), room    # room(): sockets it may hold now
+    def __init__(self):
+        self.ends, self._stopped = {}, False    # socket -> (end, quiet until)
+        self._selector, self._added = selectors.DefaultSelector(), threading.Condition()
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
     def add(self, sock, half_close=True):
         """Linger on sock; half_close: send its end of input first (not to an HTTP/2
         client, which takes that for an empty reply rather than retrying)."""
+        if len(self.ends) >= self.most:         # past this, close at once
+            return sock.close()
         if half_close:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-        self._new.put(sock)
+        with self._added:
+            self._selector.register(sock, selectors.EVENT_READ)
+            self.ends[sock] = (time.monotonic() + self.linger_s, time.monotonic() + self.quiet_s)
+            self._added.notify()
+
+    def shed(self, count):
+        """Close the count oldest now: a newcomer needs their descriptors."""
+        with self._added:
+            for sock in list(itertools.islice(self.ends, max(count, 0))):
+                self._close(sock)
+
+    def _close(self, sock):
+        self._selector.unregister(sock)
+        del self.ends[sock]
+        sock.close()
 
     def _run(self):
-        selector, ends = selectors.DefaultSelector(), {}    # socket -> (end, quiet until)
-        while True:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    sock = self._new.get(block=not ends)
-                    if sock is None:                    # stop()
-                        return
-                    selector.register(sock, selectors.EVENT_READ)
-                    now = time.monotonic()
-                    ends[sock] = (now + self.linger_s, now + self.quiet_s)
-            ready = {key.fileobj for key, _ in selector.select(0.05)}
-            now, excess = time.monotonic(), len(ends) - min(self.most, self.room())
-            for sock, (end, quiet_until) in list(ends.items()):
-                if excess > 0:                  # the oldest first, past the room left
-                    excess -= 1
-                elif sock in ready and now < end:
-                    try:
-                        if sock.recv(65536, socket.MSG_DONTWAIT):
-                            ends[sock] = (end, now + self.quiet_s)
+        while not self._stopped:
+            with self._added:
+                self._added.wait_for(lambda: self.ends or self._stopped, timeout=1.0)
+            ready = {key.fileobj for key, _ in self._selector.select(0.05)}
+            with self._added:
+                now = time.monotonic()
+                for sock, (end, quiet_until) in list(self.ends.items()):
+                    if sock in ready and now < end:
+                        try:
+                            if sock.recv(65536, socket.MSG_DONTWAIT):
+                                self.ends[sock] = (end, now + self.quiet_s)
+                                continue
+                        except BlockingIOError:
                             continue
-                    except BlockingIOError:
+                        except OSError:
+                            pass
+                    elif now < min(end, quiet_until):
                         continue
-                    except OSError:
-                        pass
-                elif now < min(end, quiet_until):
-                    continue
-                selector.unregister(sock)
-                del ends[sock]
-                sock.close()
+                    self._close(sock)
 
     def stop(self):
-        self._new.put(None)
+        self._stopped = True
 
 
 class Episodes:
@@ -1419,8 +1421,7 @@ def access_log_line(handler, status, size):
     if len(line) > 1000:
         line = f"{line[:1000]}... ({len(line)} characters)"
     line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-    if not (client.isascii() and client.isprintable()):     # an IPv6 zone holds any text
-        client = client.encode("unicode_escape").decode("ascii")
+    client = client if client.isprintable() else client.encode("unicode_escape").decode("ascii")
     return f'{client} - - [{clock()[1]}] "{line}" {status} {size}'
 
 
@@ -1529,8 +1530,7 @@ def error_statuses(method, function):
              f"header fields",
         500: "an unexpected error (the traceback goes to the server's log)",
         501: post * "a transfer coding other than chunked",
-        503: "MAX_CONNECTIONS connections are held and none is idle, sending a body or not "
-             "reading its answer" + post * "; at the bound, the oldest body makes room" +
+        503: "MAX_CONNECTIONS connections are held, none idle, sending a body or not reading" +
              (function.__name__ == "health") * "; the service is stopping (SHUTDOWN_DELAY_S)" +
              publishes * ("; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
                           "MAX_PENDING_EVENTS events are already waiting for it"),

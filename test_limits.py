@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import (
-    CREATE, SUCCEED, ServiceProcess, SlowSenders, metric_samples, parse_raw_answers,
+    CREATE, SUCCEED, ServiceProcess, SlowSenders, close_all, metric_samples, open_slow_clients,
+    parse_raw_answers,
     payment_body, raw_exchange, read_until_closed, request, rss_mib, unique_order_id, wait_until)
 
 ANSWER_WITHIN_S = 2.0        # a fresh client is "answered" with a 200 within this
@@ -599,3 +600,44 @@ def test_slow_valid_bodies_in_256_mib_leave_fresh_clients_answered_90_percent(
     assert during.share() >= 0.9, summary
     assert svc.proc.poll() is None and oom_kills(memory) == 0, summary
     assert svc.stop()[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# Descriptors: lingering sockets are in the budget
+# ---------------------------------------------------------------------------
+
+def test_lingering_sockets_count_against_the_descriptor_bound(spawn, broker):
+    """Issue 23's attack: with RLIMIT_NOFILE=200 and 40 connections open, 300 requests
+    answered 413 while their bodies keep coming (each lingers as long as its client
+    sends): fresh clients are answered, and no descriptor runs out anywhere."""
+    svc = spawn(broker, ACCESS_LOG=0,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+    held, lingering, stop = open_slow_clients(svc.base, 40), [], threading.Event()
+
+    def keep_sending():
+        while not stop.wait(0.3):
+            for sock in list(lingering):
+                with contextlib.suppress(OSError):
+                    sock.send(b"x" * 100, socket.MSG_DONTWAIT)
+
+    sender, probes = threading.Thread(target=keep_sending, daemon=True), Probes()
+    sender.start()
+    try:
+        for i in range(300):
+            sock = socket.create_connection(svc.base, timeout=5)
+            sock.sendall(f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                         f"\r\n".encode() + b"x" * 1000)
+            lingering.append(sock)
+            if i % 15 == 14:
+                probes.append(fresh_client(svc.base))
+    finally:
+        stop.set()
+        sender.join(5)
+        close_all(lingering + held)
+    counted = refusals(svc.base)
+    summary = f"fresh clients: {probes}; refusals {counted}"
+    print(summary)
+    assert probes.share() == 1, summary
+    assert "out of file descriptors" not in svc.output and not any(counted.values()), summary
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
