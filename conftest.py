@@ -711,9 +711,8 @@ class SlowSenders:
         self.head = (f"POST {CREATE} HTTP/1.1\r\nHost: payment\r\nContent-Type: "
                      f"application/json\r\nContent-Length: {len(self.body)}\r\n\r\n").encode()
         self.base, self.count, self.again = base, count, again
-        self.piece = max(1, int(rate * self.tick_s))
-        self.statuses, self.opened = Counter(), 0
-        self._conns = {}                # socket -> [bytes sent of the body, data received]
+        self.rate, self.statuses, self.opened = rate, Counter(), 0
+        self._conns = {}                # socket -> [opened at, bytes of the body sent, received]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -722,7 +721,7 @@ class SlowSenders:
         sock = socket.socket()
         sock.setblocking(False)
         sock.connect_ex(self.base)
-        self._conns[sock] = [0, b""]
+        self._conns[sock] = [time.monotonic(), 0, b""]
         self.opened += 1
 
     def _end(self, sock, status):
@@ -741,21 +740,21 @@ class SlowSenders:
             except OSError as exc:
                 data = None if exc.errno == errno.ENOTCONN else b""   # connecting yet
             if data:
-                conn[1] += data
-                if b"\r\n" in conn[1]:
-                    self._end(sock, int(conn[1].split(b" ", 2)[1]))
+                conn[2] += data
+                if b"\r\n" in conn[2]:
+                    self._end(sock, int(conn[2].split(b" ", 2)[1]))
                 continue
             if data == b"":
                 self._end(sock, "closed")
                 continue
-            sent = conn[0]
-            if sent >= len(self.body):
+            opened, sent = conn[0], conn[1]         # the rate kept from the start, no drift
+            due = min(len(self.body), int(self.rate * (time.monotonic() - opened + self.tick_s)))
+            if sent >= due:
                 continue
-            piece = (self.head if sent == 0 else b"") + self.body[sent:sent + self.piece]
             try:
-                sock.send(piece)
-                conn[0] += self.piece
-            except (BlockingIOError, OSError):
+                conn[1] += sock.send((b"" if sent else self.head) + self.body[sent:due]) \
+                    - (0 if sent else len(self.head))
+            except OSError:
                 pass                                # not connected yet, or full
 
     def _run(self):

@@ -1012,7 +1012,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             for handler in closing:
                 shutdown_quietly(handler.connection)
             if not left or time.monotonic() >= deadline:
-                self.lingerer.stop()
+                self.lingerer.stopped = True
                 return not left
             time.sleep(0.02)
 
@@ -1031,7 +1031,7 @@ class Lingerer:
     spare = 16          # sockets past the connection bound (its 503s): descriptors are counted
 
     def __init__(self):
-        self.ends, self._stopped = {}, False    # socket -> (end, quiet until)
+        self.ends, self.stopped = {}, False     # socket -> (end, quiet until); stopped: ends it
         self._selector, self._added = selectors.DefaultSelector(), threading.Condition()
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
@@ -1060,9 +1060,9 @@ class Lingerer:
         sock.close()
 
     def _run(self):
-        while not self._stopped:
+        while not self.stopped:
             with self._added:
-                self._added.wait_for(lambda: self.ends or self._stopped, timeout=1.0)
+                self._added.wait_for(lambda: self.ends or self.stopped, timeout=1.0)
             ready = {key.fileobj for key, _ in self._selector.select(0.05)}
             with self._added:
                 now = time.monotonic()
@@ -1079,9 +1079,6 @@ class Lingerer:
                     elif now < min(end, quiet_until):
                         continue
                     self._close(sock)
-
-    def stop(self):
-        self._stopped = True
 
 
 class Episodes:
@@ -1939,7 +1936,8 @@ def serve(argv):
                      daemon=True).start()
     threading.Thread(target=start_publisher, args=(publisher, config, producer_settings, stop),
                      name="kafka-start", daemon=True).start()
-    stop.wait()
+    while not stop.wait(1.0):       # a signal another thread took wakes no endless wait
+        continue
     server.draining = True
     if config.shutdown_delay_s and not stop.failure:
         stdout.write(f"stopping in {config.shutdown_delay_s:g} s: health answers 503 meanwhile")

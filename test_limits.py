@@ -568,7 +568,9 @@ def test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent(
     summary = f"senders' answers {dict(statuses)}; fresh clients: {during}"
     print(summary)
     assert during.share() >= 0.9, summary
-    assert set(statuses) <= {200, 503}, summary      # a closed body is answered
+    # a body closed for a newcomer is answered 503 (a sender not yet past its head
+    # is closed as idle, without one)
+    assert statuses[503] and set(statuses) <= {200, 503, "closed"}, summary
     assert svc.stop()[0] == 0
     assert "Traceback" not in svc.output
 
