@@ -1050,9 +1050,10 @@ class Lingerer:
 
     def shed(self, count):
         """Close the count oldest now: a newcomer needs their descriptors."""
-        with self._added:
-            for sock in list(itertools.islice(self.ends, max(count, 0))):
-                self._close(sock)
+        if count > 0:
+            with self._added:
+                for sock in list(itertools.islice(self.ends, count)):
+                    self._close(sock)
 
     def _close(self, sock):
         self._selector.unregister(sock)

@@ -165,6 +165,11 @@ Behind a reverse proxy
       test_posts_around_traefiks_own_idle_close_all_succeed,
       test_restarting_each_of_two_replicas_under_load_fails_no_request,
       test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0
+  - a stop answers every request it holds (a publish ends within KAFKA_TIMEOUT_S of
+    the stop's start, else 503), even with the broker paused; compose.yaml's
+    stop_grace_period leaves margin over SHUTDOWN_DELAY_S + KAFKA_TIMEOUT_S + 3 s
+      test_a_stop_answers_every_request_it_holds_even_with_the_broker_paused,
+      test_compose_puts_traefik_in_front_with_the_routing_file_the_tests_use
   - chunked bodies, direct and through Traefik (node's fetch, HTTP/2 to Traefik);
     413 past 64 KiB (4 MiB ones every time, never a 502), 400 malformed or with
     Content-Length too, 501 another coding
@@ -179,6 +184,9 @@ Behind a reverse proxy
       test_access_log_names_the_client_traefik_forwards_not_traefik,
       test_forwarded_for_from_a_trusted_peer_names_its_right_most_untrusted_address,
       test_forwarded_for_from_an_untrusted_peer_is_ignored
+  - every field of the access log escaped (C0, C1, DEL), the forwarded client too; a
+    hop that is not an IP address is not the client
+      test_forwarded_for_with_control_bytes_or_no_address_never_reaches_the_log_raw
   - HTTP/2 prior knowledge gets HTTP_1_1_REQUIRED, and curl retries over HTTP/1.1
       test_http2_preface_without_a_request_gets_settings_then_goaway_http_1_1_required,
       test_http2_request_gets_settings_then_rst_stream_http_1_1_required,
@@ -211,6 +219,11 @@ Limits and hostile clients
       test_sustained_flood_of_idle_connections_keeps_fresh_clients_served_and_threads_bounded
   - when every connection is inside a request: 503 with Connection: close, at once
       test_at_the_bound_with_every_connection_inside_a_request_503_at_once
+  - slow but valid bodies: at the bound the oldest body makes room (503, Retry-After),
+    so fresh clients are answered (in 256 MiB too); below it, each gets its 200
+      test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent,
+      test_slow_valid_bodies_below_the_bound_all_get_200,
+      test_slow_valid_bodies_in_256_mib_leave_fresh_clients_answered_90_percent
   - the head within HEADER_TIMEOUT_S of its first byte, the body within
     BODY_TIMEOUT_S of its start, whatever its pauses (no rate rule): else 408
       test_head_sent_a_byte_at_a_time_gets_408_at_the_header_deadline,
@@ -222,6 +235,10 @@ Limits and hostile clients
       test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served,
       test_at_the_descriptor_limit_fresh_clients_are_served_without_spinning,
       test_accept_out_of_descriptors_pauses_and_warns_once
+  - every descriptor in the budget, lingering sockets too; none left to linger: a
+    counted refusal, not a traceback
+      test_lingering_sockets_count_against_the_descriptor_bound,
+      test_no_descriptor_to_linger_is_a_counted_refusal_not_a_traceback
   - a client that goes away mid-request or mid-answer leaves no traceback
       test_client_that_disconnects_mid_request_prints_no_traceback
   - inside a 256 MiB memory cgroup, joined header lists, big heads and held worst
