@@ -8,6 +8,7 @@ adapted in one place.
 
 import base64
 import contextlib
+import errno
 import hashlib
 import hmac
 import http.client
@@ -26,6 +27,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from types import SimpleNamespace
 from typing import NamedTuple
 
@@ -331,6 +333,12 @@ def payment_event(order_id, amount_cents=1, currency="USD"):
         "order_id": order_id, "amount_cents": amount_cents, "currency": currency})
 
 
+def padded_payment_body(order_id, size):
+    """A valid payment body of size bytes: payment_body() and a "pad" field."""
+    pad = size - len(payment_body(order_id)) - len(', "pad": ""')
+    return payment_body(order_id)[:-1] + b', "pad": "' + b"p" * pad + b'"}'
+
+
 class Record(NamedTuple):
     key: bytes
     value: bytes
@@ -538,6 +546,87 @@ class Stream:
 
     def oks(self):
         return [r for r in self.results if r[1] == 200]
+
+
+class SlowSenders:
+    """count connections, each POSTing a valid create-intent body of body_bytes at
+    rate bytes/s (a piece every 0.1 s, the first with the head), and starting again
+    once answered or closed (again=False: once each). statuses: each answer's
+    status, or "closed" for a connection closed without one. Until stop()."""
+
+    tick_s = 0.1
+
+    def __init__(self, base, count, body_bytes, rate, again=True):
+        self.body = padded_payment_body(1, body_bytes)
+        self.head = (f"POST {CREATE} HTTP/1.1\r\nHost: payment\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: {len(self.body)}\r\n\r\n").encode()
+        self.base, self.count, self.again = base, count, again
+        self.rate, self.statuses, self.opened = rate, Counter(), 0
+        self._conns = {}                # socket -> [opened at, bytes of the body sent, received]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _open(self):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(self.base)
+        self._conns[sock] = [time.monotonic(), 0, b""]
+        self.opened += 1
+
+    def _end(self, sock, status):
+        self.statuses[status] += 1
+        del self._conns[sock]
+        sock.close()
+        if self.again and not self._stop.is_set():
+            self._open()
+
+    def _tick(self):
+        for sock, conn in list(self._conns.items()):
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                data = None if exc.errno == errno.ENOTCONN else b""   # connecting yet
+            if data:
+                conn[2] += data
+                if b"\r\n" in conn[2]:
+                    self._end(sock, int(conn[2].split(b" ", 2)[1]))
+                continue
+            if data == b"":
+                self._end(sock, "closed")
+                continue
+            opened, sent = conn[0], conn[1]         # the rate kept from the start, no drift
+            due = min(len(self.body), int(self.rate * (time.monotonic() - opened + self.tick_s)))
+            if sent >= due:
+                continue
+            try:
+                conn[1] += sock.send((b"" if sent else self.head) + self.body[sent:due]) \
+                    - (0 if sent else len(self.head))
+            except OSError:
+                pass                                # not connected yet, or full
+
+    def _run(self):
+        while len(self._conns) < self.count and not self._stop.is_set():
+            self._open()
+            time.sleep(0.002)                       # as clients do, not one burst
+        while not self._stop.is_set() and (self.again or self._conns):
+            started = time.monotonic()
+            self._tick()
+            time.sleep(max(0.0, self.tick_s - (time.monotonic() - started)))
+
+    def wait(self, timeout_s):
+        """Until every connection (again=False) is answered or closed."""
+        self._thread.join(timeout_s)
+        return self.statuses
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+        for sock in self._conns:
+            sock.close()
+        return self.statuses
 
 
 # ---------------------------------------------------------------------------

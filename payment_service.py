@@ -432,9 +432,8 @@ log = logging.getLogger("payment_service")
 
 MAX_HEAD_BYTES = 32 * 1024      # request line and header fields (docs/limits.md says why)
 MAX_HEADERS = 100
-MIN_DATA_RATE = 240             # bytes/s a body or an answer keeps up, after SLOW_GRACE_S
-SLOW_GRACE_S = 1.0
-SLOW_AFTER_S = 0.25             # at MAX_CONNECTIONS, a body or answer this old may be slow
+SLOW_GRACE_S = 1.0              # an answer left unread for twice this closes the connection
+SLOW_AFTER_S = 0.25             # at MAX_CONNECTIONS, a body or answer this old may be closed
 SEND_BUFFER_BYTES = 32 * 1024   # per connection (the kernel doubles it)
 PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -446,7 +445,7 @@ PROMETHEUS_TEXT = "text/plain; version=0.0.4; charset=utf-8"
 # thread or memory past a bound" (README: Endpoints; docs/limits.md). A head
 # fits MAX_HEAD_BYTES and arrives within HEADER_TIMEOUT_S of its first byte; a
 # body, by Content-Length or chunked, fits MAX_BODY_BYTES within BODY_TIMEOUT_S
-# and MIN_DATA_RATE; a trusted proxy names the client; HTTP/2 is told no.
+# (no rate rule: pauses are a client's own); a trusted proxy names the client.
 
 class DeadlineReader(io.RawIOBase):
     """The connection's input under the idle timeout and a deadline, checked
@@ -454,7 +453,7 @@ class DeadlineReader(io.RawIOBase):
 
     def __init__(self, sock, idle_timeout_s, header_timeout_s):
         self._sock, self._idle_s, self._header_s = sock, idle_timeout_s, header_timeout_s
-        self._shortened = False
+        self._shortened = self.evicted = False
         self.done()
 
     def readable(self):
@@ -469,16 +468,11 @@ class DeadlineReader(io.RawIOBase):
             self._shortened = False
 
     def await_body(self, timeout_s):
-        self.body_since = self._last_byte = time.monotonic()
-        self._received = 0
-        self._what, self._timeout_s = "body", timeout_s
+        self._what, self._timeout_s, self.body_since = "body", timeout_s, time.monotonic()
         self._deadline = self.body_since + timeout_s
 
     def readinto(self, buffer):
         deadline = self._deadline
-        if self.body_since is not None:         # below MIN_DATA_RATE unless more comes
-            deadline = min(deadline, self.body_since +
-                           max(SLOW_GRACE_S, self._received / MIN_DATA_RATE))
         if deadline is not None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -492,22 +486,13 @@ class DeadlineReader(io.RawIOBase):
             if deadline is not None and time.monotonic() >= deadline:
                 raise self._expired() from None
             return None                             # idle: the file object sees no data
-        if self.body_since is not None:
-            self._received += count
-            self._last_byte = time.monotonic()
-        elif count and self._deadline is None:      # a head's first byte
+        if not count and self.evicted and self.body_since is not None:
+            raise HTTPError(503, "closed to make room for a newcomer", [("Retry-After", "1")])
+        if count and self._deadline is None:        # a head's first byte
             self._deadline = time.monotonic() + self._timeout_s
         return count
 
-    def slow(self, now):
-        """Reading a body, for a while, below MIN_DATA_RATE or stalled for SLOW_GRACE_S."""
-        return self.body_since is not None and now - self.body_since > SLOW_AFTER_S and (
-            self._received < (now - self.body_since) * MIN_DATA_RATE
-            or now - self._last_byte > SLOW_GRACE_S)
-
     def _expired(self):
-        if self.body_since is not None and time.monotonic() < self._deadline:
-            return HTTPError(408, f"body arriving slower than {MIN_DATA_RATE} bytes/s")
         return HTTPError(408, f"{self._what} not received in full within {self._timeout_s:g} s")
 
 
@@ -602,13 +587,15 @@ class StrictRequestHandler(PaymentRequestHandler):
             super().handle()
 
     def finish(self):
-        self.server.untrack(self)
-        try:
+        try:                            # untracked last: its descriptors count till then
             super().finish()
-        except OSError:
-            return
-        if self.linger:                 # input still coming: closing now would reset
-            self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
+            if self.linger:             # input still coming: closing now would reset
+                self.server.lingerer.add(self.connection.dup(), half_close=bool(self.command))
+        except OSError as exc:          # the client left, or no descriptor to linger: counted
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.server.refusals.began("no_descriptor", f"no descriptor to linger: {exc}")
+        finally:
+            self.server.untrack(self)
 
     def handle_one_request(self):
         """Read one request within the head's budget and deadline; answer it."""
@@ -637,12 +624,9 @@ class StrictRequestHandler(PaymentRequestHandler):
         if not self.close_connection:
             self.server.end_request(self)
 
-    def slow(self, now):
-        """Below MIN_DATA_RATE now: a body arriving slower, or an answer not taken
-        for SLOW_AFTER_S (its send buffer is full: the client left it unread)."""
-        if self.writing_since is not None:
-            return now - self.writing_since > SLOW_AFTER_S
-        return self.reader.slow(now)
+    def busy_since(self):
+        """Since when an answer waits unread (its send buffer full) or a body arrives, or None."""
+        return self.writing_since if self.writing_since is not None else self.reader.body_since
 
     def dispatch(self):
         try:
@@ -702,7 +686,7 @@ class StrictRequestHandler(PaymentRequestHandler):
         self.body_unread = "transfer-encoding" in headers or \
             headers.get("content-length", "0") != "0"
         if "x-forwarded-for" in headers and self.server.trusts(self.client):
-            self.client = self.server.forwarded_client(headers["x-forwarded-for"])
+            self.client = self.server.forwarded_client(headers["x-forwarded-for"]) or self.client
         self.reader.done()
         self.server.begin_request(self)             # from here on, not evicted as idle
 
@@ -874,7 +858,7 @@ def _clock(second):
 # and a stop answers what is in flight" (README: More; docs/limits.md). Each
 # connection keeps a thread, so at most max_connections are held. At the bound
 # the connection waiting longest outside a request (idle, or sending its head),
-# else one below MIN_DATA_RATE, is closed to make room for a newcomer (as nginx
+# else the oldest body or unread answer, makes room for a newcomer (as nginx
 # frees idle keep-alive connections); only when there is none, it gets a 503.
 
 class PaymentHTTPServer(http.server.ThreadingHTTPServer):
@@ -933,15 +917,16 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             ipaddress.ip_address(address) in network for network in self.trusted_proxies)
 
     def forwarded_client(self, forwarded_for):
-        """X-Forwarded-For's right-most address that is not a trusted proxy (uvicorn's rule)."""
-        hops = [hop.strip(" \t")[:64] for hop in forwarded_for.split(",")]
-        for hop in reversed(hops):
+        """X-Forwarded-For's right-most untrusted address (uvicorn's rule), stopping at a non-IP."""
+        client = None
+        for hop in reversed(forwarded_for.split(",")):
             try:
-                if not self.trusts(hop):
-                    return hop
-            except ValueError:                  # not an address: trust stops here
-                return hop
-        return hops[0]
+                address = str(ipaddress.ip_address(hop.strip(" \t")[:64].partition("%")[0]))
+            except ValueError:
+                return client
+            if not self.trusts(client := address):
+                return client
+        return client
 
     def track(self, handler):
         with self._lock:
@@ -969,9 +954,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
             if self._connections.pop(handler, 0) is None:
                 self._connections[handler] = None
 
-    def _evictable(self):
-        """With the lock held: the connection to close for a newcomer, or None."""
-        now, slow = time.monotonic(), None
+    def _evictable(self, busy=True):
+        """With the lock held: the one to close for a newcomer (idle first, else busy), or None."""
+        oldest, since = None, time.monotonic() - SLOW_AFTER_S    # busy: the oldest, past this
         for handler in self._connections:
             if handler.evicted:
                 continue
@@ -980,12 +965,14 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 if not handler.in_request:      # its request did not begin meanwhile
                     break
                 handler.evicted = False
-            if slow is None and handler.slow(now):
-                slow = handler
+            started = busy and handler.busy_since()
+            if started and started < since:
+                oldest, since = handler, started
         else:
-            if slow is None:
+            if oldest is None:
                 return None
-            handler, handler.evicted = slow, True
+            handler, handler.evicted = oldest, True
+            handler.reader.evicted = handler.writing_since is None    # a body: answer 503
         del self._connections[handler]
         self._closing += 1
         return handler
@@ -1008,7 +995,9 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
     def process_request(self, request, client_address):
         """Hand the connection to a spare or new thread; make room, or refuse."""
         victim = start = None
-        with self._lock:
+        with self._lock:            # descriptors: lingering sockets make room first
+            self.lingerer.shed(len(self._connections) + self._queued + len(self.lingerer.ends)
+                               + 1 - self.max_connections - Lingerer.spare)
             if len(self._connections) + self._queued >= self.max_connections:
                 victim = self._evictable()
                 if victim is None:
@@ -1019,8 +1008,8 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
                 self._thread_count += 1
                 self._threads_peak = max(self._threads_peak, self._thread_count)
                 start = True
-        if victim is not None:
-            shutdown_quietly(victim.connection)
+        if victim is not None:      # a body's reader sees its input end, and answers 503
+            shutdown_quietly(victim.connection, read_only=victim.reader.evicted)
         try:
             if start:
                 threading.Thread(target=self._serve_connections, name="connection",
@@ -1073,8 +1062,7 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         self.lingerer.add(sock)
 
     def get_request(self):
-        """accept(); out of descriptors, close idle connections and pause 0.5 s
-        (as nginx does) rather than spin."""
+        """accept(); out of descriptors, close idle connections, pause 0.5 s (as nginx does)."""
         try:
             accepted = self.socket.accept()
         except OSError as exc:
@@ -1099,19 +1087,19 @@ class PaymentHTTPServer(http.server.ThreadingHTTPServer):
         deadline = time.monotonic() + grace_s
         while True:
             with self._lock:
-                closing = list(iter(self._evictable, None))
+                closing = list(iter(lambda: self._evictable(busy=False), None))
                 left = len(self._connections)
             for handler in closing:
                 shutdown_quietly(handler.connection)
             if not left or time.monotonic() >= deadline:
-                self.lingerer.stop()
+                self.lingerer.stopped = True
                 return not left
             time.sleep(0.02)
 
 
-def shutdown_quietly(sock):
+def shutdown_quietly(sock, read_only=False):
     with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.shutdown(socket.SHUT_RD if read_only else socket.SHUT_RDWR)
 
 
 class Lingerer:
@@ -1120,53 +1108,58 @@ class Lingerer:
     closed with input unread, a socket sends a reset that can destroy the answer."""
 
     most, linger_s, quiet_s = 256, 10.0, 1.0    # nginx: lingering_time 30 s, _timeout 5 s
+    spare = 16          # sockets past the connection bound (its 503s): descriptors are counted
 
     def __init__(self):
-        self._new = queue.SimpleQueue()
+        self.ends, self.stopped = {}, False     # socket -> (end, quiet until); stopped: ends it
+        self._selector, self._added = selectors.DefaultSelector(), threading.Condition()
         threading.Thread(target=self._run, name="lingering-close", daemon=True).start()
 
     def add(self, sock, half_close=True):
         """Linger on sock; half_close: send its end of input first (not to an HTTP/2
         client, which takes that for an empty reply rather than retrying)."""
+        if len(self.ends) >= self.most:         # past this, close at once
+            return sock.close()
         if half_close:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_WR)
-        self._new.put(sock)
+        with self._added:
+            self._selector.register(sock, selectors.EVENT_READ)
+            self.ends[sock] = (time.monotonic() + self.linger_s, time.monotonic() + self.quiet_s)
+            self._added.notify()
+
+    def shed(self, count):
+        """Close the count oldest now: a newcomer needs their descriptors."""
+        if count > 0:
+            with self._added:
+                for sock in list(itertools.islice(self.ends, count)):
+                    self._close(sock)
+
+    def _close(self, sock):
+        self._selector.unregister(sock)
+        del self.ends[sock]
+        sock.close()
 
     def _run(self):
-        selector, ends = selectors.DefaultSelector(), {}    # socket -> (end, quiet until)
-        while True:
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    sock = self._new.get(block=not ends)
-                    if sock is None:                    # stop()
-                        return
-                    if len(ends) >= self.most:          # past this, close at once
-                        sock.close()
-                        continue
-                    selector.register(sock, selectors.EVENT_READ)
-                    now = time.monotonic()
-                    ends[sock] = (now + self.linger_s, now + self.quiet_s)
-            ready = {key.fileobj for key, _ in selector.select(0.05)}
-            now = time.monotonic()
-            for sock, (end, quiet_until) in list(ends.items()):
-                if sock in ready and now < end:
-                    try:
-                        if sock.recv(65536, socket.MSG_DONTWAIT):
-                            ends[sock] = (end, now + self.quiet_s)
+        while not self.stopped:
+            with self._added:
+                self._added.wait_for(lambda: self.ends or self.stopped, timeout=1.0)
+            ready = {key.fileobj for key, _ in self._selector.select(0.05)}
+            with self._added:
+                now = time.monotonic()
+                for sock, (end, quiet_until) in list(self.ends.items()):
+                    if sock in ready and now < end:
+                        try:
+                            if sock.recv(65536, socket.MSG_DONTWAIT):
+                                self.ends[sock] = (end, now + self.quiet_s)
+                                continue
+                        except BlockingIOError:
                             continue
-                    except BlockingIOError:
+                        except OSError:
+                            pass
+                    elif now < min(end, quiet_until):
                         continue
-                    except OSError:
-                        pass
-                elif now < min(end, quiet_until):
-                    continue
-                selector.unregister(sock)
-                del ends[sock]
-                sock.close()
-
-    def stop(self):
-        self._new.put(None)
+                    self._close(sock)
 
 
 class Episodes:
@@ -1208,7 +1201,8 @@ def connection_bound(max_connections):
     memory can carry (one warning when lowered)."""
     limits, soft = [], resource.getrlimit(resource.RLIMIT_NOFILE)[0] if resource else -1
     if soft != -1:      # RLIM_INFINITY
-        limits.append((soft - len(os.listdir("/dev/fd")) - 16, f"RLIMIT_NOFILE is {soft}"))
+        limits.append((soft - len(os.listdir("/dev/fd")) - 16 - Lingerer.spare,
+                       f"RLIMIT_NOFILE is {soft}"))
     pids = cgroup_limit("pids", "pids.max")
     if pids is not None:
         limits.append((pids - len(os.listdir("/proc/self/task")) - 8,
@@ -1262,6 +1256,7 @@ class GroupCommit:
         self._waiting = queue.SimpleQueue()     # _Publication, then None to stop the thread
         self._mine = threading.local()          # the calling thread's last record
         self._closed = self.reached = False
+        self.stop_by = float("inf")             # a stop's end: no wait goes past it
 
     def start(self, producer):
         self.producer = producer
@@ -1270,12 +1265,12 @@ class GroupCommit:
         self._started.set()
 
     def send(self, topic, **record):
-        deadline = time.monotonic() + self.timeout_s
+        deadline = min(time.monotonic() + self.timeout_s, self.stop_by)
         if not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
         if not self.reached:                # until a broker acknowledged something
             self._refuse_if_unreachable()
-        if self._closed:
+        if self._closed or time.monotonic() >= self.stop_by:
             raise BrokerUnavailable("the Kafka producer is closed; the service is stopping",
                                     "stopping")
         with self._lock:
@@ -1290,13 +1285,13 @@ class GroupCommit:
     def flush(self, timeout=None):
         """Wait until the caller's record is settled, within timeout; a broker that was
         never reached and cannot be now ends the wait sooner (checked four times a second)."""
-        settled, deadline = self._mine.publication.settled, time.monotonic() + timeout
-        while not settled.acquire(timeout=min(0.25, timeout)):
+        settled = self._mine.publication.settled
+        deadline = min(time.monotonic() + timeout, self.stop_by)
+        while not settled.acquire(timeout=min(0.25, remaining(deadline))):
             if not self.reached:
                 self._refuse_if_unreachable()
             if time.monotonic() >= deadline:
                 raise self._timeout_error()
-            timeout = remaining(deadline)
 
     def _refuse_if_unreachable(self):
         """503 at once while no broker was ever reached and none can be now."""
@@ -1592,14 +1587,17 @@ class LogWriter(logging.Handler):
 
 def access_log(writer):
     """A server observer writing a Common Log Format line per answer: the client as a
-    trusted proxy names it, the request line escaped and cut to 1,000 characters."""
+    trusted proxy names it, the request line cut to 1,000 characters, each field escaped
+    (C0, C1, DEL: no terminal control, no line split)."""
     def observe(handler, status, size):
-        line = handler.requestline
+        line, client = handler.requestline, handler.client
         if len(line) > 1000:
             line = f"{line[:1000]}... ({len(line)} characters)"
         if not (line.isascii() and line.isprintable()) or '"' in line or "\\" in line:
             line = line.encode("unicode_escape").decode("ascii").replace('"', '\\"')
-        writer.write(f'{handler.client} - - [{clock()[1]}] "{line}" {status} {size}')
+        if not client.isprintable():
+            client = client.encode("unicode_escape").decode("ascii")
+        writer.write(f'{client} - - [{clock()[1]}] "{line}" {status} {size}')
     return observe
 
 
@@ -1701,7 +1699,7 @@ def error_statuses(method, route):
         405: "a method the path does not have (only methods missing from this document); "
              "Allow lists the path's methods",
         408: "the request head did not arrive within HEADER_TIMEOUT_S of its first byte" +
-             post * f", or the body not within BODY_TIMEOUT_S or slower than {MIN_DATA_RATE} B/s",
+             post * ", or the body not within BODY_TIMEOUT_S of its start (whatever its pauses)",
         411: post * "neither Content-Length nor Transfer-Encoding: chunked",
         413: post * f"a body larger than {MAX_BODY_BYTES} bytes",
         414: f"a request line longer than {MAX_HEAD_BYTES} bytes",
@@ -1711,7 +1709,7 @@ def error_statuses(method, route):
              f"header fields",
         500: "an unexpected error (the traceback goes to the server's log)",
         501: post * "a transfer coding other than chunked",
-        503: "MAX_CONNECTIONS connections are held and none is idle or slow" +
+        503: "MAX_CONNECTIONS connections are held, none idle, sending a body or not reading" +
              health * "; the service is stopping (SHUTDOWN_DELAY_S)" + route.publishes * (
                  "; Kafka did not acknowledge the event within KAFKA_TIMEOUT_S, or "
                  "MAX_PENDING_EVENTS events are already waiting for it") +
@@ -2147,15 +2145,17 @@ def serve(argv):
                      daemon=True).start()
     threading.Thread(target=start_publisher, args=(publisher, config, producer_settings, stop),
                      name="kafka-start", daemon=True).start()
-    stop.wait()
+    while not stop.wait(1.0):       # a signal another thread took wakes no endless wait
+        continue
     server.draining = True
     if config.shutdown_delay_s and not stop.failure:
         stdout.write(f"stopping in {config.shutdown_delay_s:g} s: health answers 503 meanwhile")
         stop.clear()
         stop.wait(config.shutdown_delay_s)          # a second signal ends it
     stdout.write("stopping: finishing in-flight requests")
+    publisher.producer.stop_by = time.monotonic() + config.kafka_timeout_s   # answered by then
     server.stop(grace_s=config.kafka_timeout_s + 1)
-    publisher.close(2.0)
+    publisher.close(1.0)
     stderr.close()
     if stop.failure:
         raise SystemExit(stop.failure)

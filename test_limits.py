@@ -30,9 +30,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import (
-    CREATE, SUCCEED, ServiceProcess, metric_samples, one_at_a_time, parse_raw_answers,
-    payment_body, raw_exchange, read_until_closed, request, rss_mib, skip_or_fail_in_ci,
-    unique_order_id, wait_until)
+    CREATE, SUCCEED, ServiceProcess, SlowSenders, close_all, metric_samples, one_at_a_time,
+    open_slow_clients, parse_raw_answers, payment_body, raw_exchange, read_until_closed,
+    request, rss_mib, skip_or_fail_in_ci, unique_order_id, wait_until)
 
 ANSWER_WITHIN_S = 2.0        # a fresh client is "answered" with a 200 within this
 MEMORY_LIMIT = 256 << 20     # the memory cgroup the attacks run in
@@ -554,3 +554,106 @@ def test_low_fd_or_pids_limits_leave_many_connections_and_all_are_served(
     statuses = hold_inside_requests(svc.base, bound)
     assert statuses == [200] * bound, statuses
     assert svc.stop()[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# Slots: slow but valid bodies, each inside BODY_TIMEOUT_S
+# ---------------------------------------------------------------------------
+# Issue 23's attack, scaled down: a 1,000-byte create-intent at 300 B/s takes 3.3 s,
+# inside BODY_TIMEOUT_S=4 (the issue: 2,900 bytes, 9.7 s, inside the default 10 s);
+# each sender starts again once answered or closed. At the bound, the oldest body
+# makes room (503, Retry-After); below it, every slow sender gets its 200.
+
+SLOW_BODY = dict(body_bytes=1000, rate=300)
+
+
+@one_at_a_time
+def test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
+    senders = SlowSenders(svc.base, 20, **SLOW_BODY)
+    try:
+        time.sleep(1)                                # all 20 inside their bodies
+        during = probe_for(svc, 4)
+    finally:
+        statuses = senders.stop()
+    summary = f"senders' answers {dict(statuses)}; fresh clients: {during}"
+    print(summary)
+    assert during.share() >= 0.9, summary
+    # a body closed for a newcomer is answered 503 (a sender not yet past its head
+    # is closed as idle, without one)
+    assert statuses[503] and set(statuses) <= {200, 503, "closed"}, summary
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
+
+
+@one_at_a_time
+def test_slow_valid_bodies_below_the_bound_all_get_200(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
+    senders = SlowSenders(svc.base, 16, again=False, **SLOW_BODY)
+    statuses = senders.wait(10)
+    senders.stop()
+    assert statuses == {200: 16}, statuses
+    assert svc.stop()[0] == 0
+
+
+@one_at_a_time
+@pytest.mark.slow
+def test_slow_valid_bodies_in_256_mib_leave_fresh_clients_answered_90_percent(
+        spawn, broker, cgroup):
+    memory = cgroup("memory", {"memory.limit_in_bytes": MEMORY_LIMIT})
+    svc = spawn(broker, BODY_TIMEOUT_S=4, ACCESS_LOG=0, preexec_fn=entering(memory))
+    bound = int(re.search(r"lowered to (\d+): the memory cgroup", svc.output)[1])
+    senders = SlowSenders(svc.base, bound + 8, **SLOW_BODY)
+    try:
+        wait_until(lambda: senders.opened >= bound + 8, 10, "the senders connected")
+        time.sleep(1)
+        during = probe_for(svc, 4)
+    finally:
+        statuses = senders.stop()
+    summary = f"bound {bound}; senders' answers {dict(statuses)}; fresh clients: {during}"
+    print(summary)
+    assert during.share() >= 0.9, summary
+    assert svc.proc.poll() is None and oom_kills(memory) == 0, summary
+    assert svc.stop()[0] == 0
+
+
+# ---------------------------------------------------------------------------
+# Descriptors: lingering sockets are in the budget
+# ---------------------------------------------------------------------------
+
+@one_at_a_time
+def test_lingering_sockets_count_against_the_descriptor_bound(spawn, broker):
+    """Issue 23's attack: with RLIMIT_NOFILE=200 and 40 connections open, 300 requests
+    answered 413 while their bodies keep coming (each lingers as long as its client
+    sends): fresh clients are answered, and no descriptor runs out anywhere."""
+    svc = spawn(broker, ACCESS_LOG=0,
+                preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200)))
+    held, lingering, stop = open_slow_clients(svc.base, 40), [], threading.Event()
+
+    def keep_sending():
+        while not stop.wait(0.3):
+            for sock in list(lingering):
+                with contextlib.suppress(OSError):
+                    sock.send(b"x" * 100, socket.MSG_DONTWAIT)
+
+    sender, probes = threading.Thread(target=keep_sending, daemon=True), Probes()
+    sender.start()
+    try:
+        for i in range(300):
+            sock = socket.create_connection(svc.base, timeout=5)
+            sock.sendall(f"POST {CREATE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+                         f"\r\n".encode() + b"x" * 1000)
+            lingering.append(sock)
+            if i % 15 == 14:
+                probes.append(fresh_client(svc.base))
+    finally:
+        stop.set()
+        sender.join(5)
+        close_all(lingering + held)
+    counted = refusals(svc.base)
+    summary = f"fresh clients: {probes}; refusals {counted}"
+    print(summary)
+    assert probes.share() == 1, summary
+    assert "out of file descriptors" not in svc.output and not any(counted.values()), summary
+    assert svc.stop()[0] == 0
+    assert "Traceback" not in svc.output
