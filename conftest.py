@@ -6,11 +6,9 @@ built by a helper in "The service's classes" below, so a renamed class is
 adapted in one place.
 """
 
-import base64
 import contextlib
 import errno
 import hashlib
-import hmac
 import http.client
 import json
 import os
@@ -925,21 +923,58 @@ def cpus_allowed_per_thread(pid):
     return allowed
 
 
+def own_cgroup(controller):
+    """This process's cgroup directory for a cgroup v1 controller, or None."""
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            if controller in controllers.split(","):
+                return f"/sys/fs/cgroup/{controllers}{path.rstrip('/')}"
+    return None
+
+
 @pytest.fixture
-def pids_cgroup():
-    """A child pids cgroup (cgroup v1) for one service process, removed afterwards."""
-    path = f"/sys/fs/cgroup/pids/payment-test-{uuid.uuid4().hex[:8]}"
+def cgroup():
+    """make(controller, {file: value}): a child cgroup (v1) of this process's own
+    with those limits, as a directory; at the end what is left in it is killed
+    and it is removed."""
+    made = []
+
+    def make(controller, limits):
+        path = f"{own_cgroup(controller)}/payment-test-{uuid.uuid4().hex[:8]}"
+        try:
+            os.mkdir(path)
+        except OSError as exc:
+            skip_or_fail_in_ci(f"no {controller} cgroup (v1) to create here (root needed): {exc}")
+        made.append(path)
+        for name, value in limits.items():
+            with open(f"{path}/{name}", "w") as f:
+                f.write(str(value))
+        return path
+
+    yield make
+    for path in made:
+        with open(f"{path}/cgroup.procs") as f:
+            for pid in f.read().split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+        wait_until(lambda: _removed(path), 5, f"{path} removed")
+
+
+def _removed(path):
     try:
-        os.mkdir(path)
-    except OSError as exc:
-        skip_or_fail_in_ci(f"no pids cgroup (v1) to create here (root needed): {exc}")
-    yield path
-    with contextlib.suppress(OSError), open(f"{path}/cgroup.procs") as f:
-        for pid in f.read().split():
-            os.kill(int(pid), signal.SIGKILL)
-    time.sleep(0.2)
-    with contextlib.suppress(OSError):
         os.rmdir(path)
+    except OSError:
+        return False
+    return True
+
+
+def entering(path):
+    """A preexec_fn: the child process joins the cgroup before it runs."""
+    def enter():
+        with open(f"{path}/cgroup.procs", "w") as f:
+            f.write(str(os.getpid()))
+    return enter
 
 
 # ---------------------------------------------------------------------------
@@ -1528,7 +1563,7 @@ class KafkaCluster:
         for node in self.brokers:
             node.wait_listening()
         create_kafka_topic(self.bootstrap, partitions=partitions, replication=len(self.brokers))
-        self.in_sync()
+        self.in_sync(timeout_s=150)             # four JVMs warming up on two busy cores
         return self
 
     def broker(self, node_id):

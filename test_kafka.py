@@ -16,7 +16,6 @@ from collections import Counter
 import pytest
 from kafka.partitioner.default import murmur2
 
-import payment_service as ps
 from conftest import (BOUND_S, HERE, KAFKA_VERSION, SECRET_PASSWORD, SLACK_S, SUCCEED, Stream,
                       assert_no_secret_and_no_traceback, assert_on_topic,
                       assert_outage_answered_503, assert_within_bound, consumer_settings,

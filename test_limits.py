@@ -14,25 +14,23 @@ TCP memory, which is no part of what is tested.
 
 import contextlib
 import http.client
-import os
 import re
 import resource
 import selectors
-import signal
 import socket
 import struct
 import threading
 import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import (
-    CREATE, SUCCEED, ServiceProcess, SlowSenders, close_all, metric_samples, one_at_a_time,
-    open_slow_clients, parse_raw_answers, payment_body, raw_exchange, read_until_closed,
-    request, rss_mib, skip_or_fail_in_ci, unique_order_id, wait_until)
+    CREATE, ServiceProcess, SlowSenders, SUCCEED, close_all, entering, metric_samples,
+    one_at_a_time, open_slow_clients, parse_raw_answers, payment_body, raw_exchange,
+    read_until_closed, request, rss_mib, unique_order_id, wait_until,
+)
 
 ANSWER_WITHIN_S = 2.0        # a fresh client is "answered" with a 200 within this
 MEMORY_LIMIT = 256 << 20     # the memory cgroup the attacks run in
@@ -102,60 +100,6 @@ def probe_times(base, count):
 def succeed(base):
     """One mock-succeed with a fresh order_id: its status."""
     return request(base, "POST", SUCCEED, payment_body(unique_order_id())).status
-
-
-def own_cgroup(controller):
-    """This process's cgroup directory for a cgroup v1 controller, or None."""
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            if controller in controllers.split(","):
-                return f"/sys/fs/cgroup/{controllers}{path.rstrip('/')}"
-    return None
-
-
-@pytest.fixture
-def cgroup():
-    """make(controller, {file: value}): a child cgroup (v1) of this process's own
-    with those limits, as a directory; at the end what is left in it is killed
-    and it is removed."""
-    made = []
-
-    def make(controller, limits):
-        path = f"{own_cgroup(controller)}/payment-test-{uuid.uuid4().hex[:8]}"
-        try:
-            os.mkdir(path)
-        except OSError as exc:
-            skip_or_fail_in_ci(f"no {controller} cgroup (v1) to create here (root needed): {exc}")
-        made.append(path)
-        for name, value in limits.items():
-            with open(f"{path}/{name}", "w") as f:
-                f.write(str(value))
-        return path
-
-    yield make
-    for path in made:
-        with open(f"{path}/cgroup.procs") as f:
-            for pid in f.read().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), signal.SIGKILL)
-        wait_until(lambda: _removed(path), 5, f"{path} removed")
-
-
-def _removed(path):
-    try:
-        os.rmdir(path)
-    except OSError:
-        return False
-    return True
-
-
-def entering(path):
-    """A preexec_fn: the child process joins the cgroup before it runs."""
-    def enter():
-        with open(f"{path}/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-    return enter
 
 
 def oom_kills(memory_cgroup):

@@ -323,20 +323,19 @@ from openapi_spec_validator import validate as validate_openapi
 
 import payment_service as ps
 from conftest import (
-    padded_payment_body, BOUND_S, CREATE, EVENT_LINE, HERE, SECRET_PASSWORD, SHUTDOWN_BOUND_S, SLACK_S,
-    SPARE_THREAD_S, SUCCEED, SWAGGER_UI_DIST, Chromium, FakeProducer, InProcessService,
-    Relay, StaticFiles, Stream, assert_no_secret_and_no_traceback,
-    assert_on_topic, assert_outage_answered_503, assert_within_bound, broker_behind,
-    browser_or_skip, client_settings, close_all, compose_services, consumer_settings, contract_payment,
-    cpu_seconds, cpus_allowed_per_thread, dockerfile_healthcheck, free_port,
-    fresh_client_answered, hostile_bodies, metric_samples, new_log_writer, new_producer,
-    cpu_heavy, new_publisher, new_server, one_at_a_time, open_slow_clients, operations,
-    parse_raw_answers, payment_body, payment_event, port_open, post_records,
-    publish_concurrently, raw_exchange, read_topic,
-    read_until_closed, real_publisher, record_of, request, rss_mib, run_to_exit, sasl_env, SCRIPT,
-    thread_count, trickle, unique_order_id, wait_until,
+    BOUND_S, Chromium, CREATE, EVENT_LINE, FakeProducer, HERE, InProcessService, Relay, SCRIPT,
+    SECRET_PASSWORD, SHUTDOWN_BOUND_S, SLACK_S, SPARE_THREAD_S, StaticFiles, Stream, SUCCEED,
+    SWAGGER_UI_DIST, assert_no_secret_and_no_traceback, assert_on_topic,
+    assert_outage_answered_503, assert_within_bound, broker_behind, browser_or_skip,
+    client_settings, close_all, compose_services, contract_payment,
+    cpu_heavy, cpu_seconds, cpus_allowed_per_thread, dockerfile_healthcheck, entering,
+    free_port, fresh_client_answered, hostile_bodies, metric_samples, new_log_writer,
+    new_producer, new_publisher, new_server, one_at_a_time, open_slow_clients, operations,
+    padded_payment_body, parse_raw_answers, payment_body, payment_event, port_open,
+    publish_concurrently, raw_exchange, read_topic, read_until_closed,
+    real_publisher, record_of, request, rss_mib, run_to_exit, sasl_env, thread_count, trickle,
+    unique_order_id, wait_until,
 )
-from conftest import ServiceProcess
 
 
 # ===========================================================================
@@ -1898,13 +1897,10 @@ def test_body_arriving_in_full_within_the_body_timeout_gets_200_whatever_its_pau
 @one_at_a_time
 @pytest.mark.slow
 def test_out_of_threads_refuses_cheaply_and_fresh_clients_are_still_served(
-        spawn, broker, pids_cgroup):
-    def enter_cgroup():
-        with open(f"{pids_cgroup}/cgroup.procs", "w") as f:
-            f.write(str(os.getpid()))
-
+        spawn, broker, cgroup):
+    pids_cgroup = cgroup("pids", {})
     svc = spawn(broker, IDLE_TIMEOUT_S=30, HEADER_TIMEOUT_S=30, ACCESS_LOG=0,
-                preexec_fn=enter_cgroup)
+                preexec_fn=entering(pids_cgroup))
     # the producer is up
     assert request(svc.base, "POST", SUCCEED, payment_body(unique_order_id())).status == 200
     with open(f"{pids_cgroup}/pids.current") as f:
