@@ -511,17 +511,25 @@ def test_low_fd_or_pids_limits_leave_many_connections_and_all_are_served(
 SLOW_BODY = dict(body_bytes=1000, rate=300)
 
 
-@one_at_a_time
-def test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent(spawn, broker):
-    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
-    senders = SlowSenders(svc.base, 20, **SLOW_BODY)
+def probe_beside_slow_senders(svc, count):
+    """Fresh clients probed for 4 s while count senders each send a valid body slowly
+    (once all are inside their bodies): (the probe, the senders' answers, a summary)."""
+    senders = SlowSenders(svc.base, count, **SLOW_BODY)
     try:
-        time.sleep(1)                                # all 20 inside their bodies
+        wait_until(lambda: senders.opened >= count, 10, "the senders connected")
+        time.sleep(1)
         during = probe_for(svc, 4)
     finally:
         statuses = senders.stop()
     summary = f"senders' answers {dict(statuses)}; fresh clients: {during}"
     print(summary)
+    return during, statuses, summary
+
+
+@one_at_a_time
+def test_slow_valid_bodies_at_the_bound_leave_fresh_clients_answered_90_percent(spawn, broker):
+    svc = spawn(broker, MAX_CONNECTIONS=20, BODY_TIMEOUT_S=4, ACCESS_LOG=0)
+    during, statuses, summary = probe_beside_slow_senders(svc, 20)
     assert during.share() >= 0.9, summary
     # a body closed for a newcomer is answered 503 (a sender not yet past its head
     # is closed as idle, without one)
@@ -547,16 +555,8 @@ def test_slow_valid_bodies_in_256_mib_leave_fresh_clients_answered_90_percent(
     memory = cgroup("memory", {"memory.limit_in_bytes": MEMORY_LIMIT})
     svc = spawn(broker, BODY_TIMEOUT_S=4, ACCESS_LOG=0, preexec_fn=entering(memory))
     bound = int(re.search(r"lowered to (\d+): the memory cgroup", svc.output)[1])
-    senders = SlowSenders(svc.base, bound + 8, **SLOW_BODY)
-    try:
-        wait_until(lambda: senders.opened >= bound + 8, 10, "the senders connected")
-        time.sleep(1)
-        during = probe_for(svc, 4)
-    finally:
-        statuses = senders.stop()
-    summary = f"bound {bound}; senders' answers {dict(statuses)}; fresh clients: {during}"
-    print(summary)
-    assert during.share() >= 0.9, summary
+    during, statuses, summary = probe_beside_slow_senders(svc, bound + 8)
+    assert during.share() >= 0.9, f"bound {bound}; {summary}"
     assert svc.proc.poll() is None and oom_kills(memory) == 0, summary
     assert svc.stop()[0] == 0
 
