@@ -1266,7 +1266,7 @@ class GroupCommit:
 
     def send(self, topic, **record):
         deadline = min(time.monotonic() + self.timeout_s, self.stop_by)
-        if not self._started.wait(remaining(deadline)):
+        if self.producer is None and not self._started.wait(remaining(deadline)):
             raise BrokerUnavailable("the Kafka producer is still starting", "producer_starting")
         if not self.reached:                # until a broker acknowledged something
             self._refuse_if_unreachable()
