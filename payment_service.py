@@ -779,8 +779,7 @@ class StrictRequestHandler(PaymentRequestHandler):
 
     # The head, without http.server's per-header bookkeeping (a twentieth of its cost).
     def send_response(self, code, message=None):
-        self._head = [f"HTTP/1.1 {code} {self.responses[code][0]}\r\n"
-                      f"Server: {self.server_version}\r\nDate: {clock()[0]}\r\n"]
+        self._head = [status_lines(code)]
         if self.server.cors_origins and self.command and (origin := self.allowed_origin()):
             self._head.append(f"Access-Control-Allow-Origin: {origin}\r\n"
                               "Access-Control-Expose-Headers: Retry-After, Allow\r\n" +
@@ -829,14 +828,18 @@ def http2_refusal(rfile):
     return frame(4, 0, b"") + frame(7, 0, struct.pack(">II", 0, 0xD))
 
 
+def status_lines(status):
+    """An answer's status line, Server and Date: how every answer starts."""
+    return (f"HTTP/1.1 {status} {PaymentRequestHandler.responses[status][0]}\r\n"
+            f"Server: {PaymentRequestHandler.server_version}\r\nDate: {clock()[0]}\r\n")
+
+
 def head_bytes(status, content_type, length, headers=(), connection=None):
-    """An answer's status line and header fields."""
-    lines = [f"HTTP/1.1 {status} {PaymentRequestHandler.responses[status][0]}",
-             f"Server: {PaymentRequestHandler.server_version}", f"Date: {clock()[0]}",
-             f"Content-Type: {content_type}", f"Content-Length: {length}",
+    """An answer's head, for an answer written without a handler (the bound's 503)."""
+    lines = [f"Content-Type: {content_type}", f"Content-Length: {length}",
              *(f"{name}: {value}" for name, value in headers),
              *([f"Connection: {connection}"] if connection else [])]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return (status_lines(status) + "\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 def clock():
