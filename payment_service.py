@@ -1289,16 +1289,12 @@ class GroupCommit:
         """Wait until the caller's record is settled, within timeout; a broker that was
         never reached and cannot be now ends the wait sooner (checked four times a second)."""
         settled = self._mine.publication.settled
-        if settled.acquire(timeout=min(0.25, timeout)):     # most records: the quick way
-            return
-        deadline = min(time.monotonic() + timeout - 0.25, self.stop_by)
-        while True:
+        deadline = min(time.monotonic() + timeout, self.stop_by)
+        while not settled.acquire(timeout=min(0.25, remaining(deadline))):
             if not self.reached:
                 self._refuse_if_unreachable()
             if time.monotonic() >= deadline:
                 raise self._timeout_error()
-            if settled.acquire(timeout=min(0.25, remaining(deadline))):
-                return
 
     def _refuse_if_unreachable(self):
         """503 at once while no broker was ever reached and none can be now."""
